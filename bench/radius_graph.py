@@ -1,0 +1,116 @@
+"""Benchmark: radius_graph, pure-torch cell list against torch-cluster.
+
+Points are uniform in a cube whose size is chosen so that each point has about
+``--neighbors`` neighbours within r_max = 1 (the density of a typical molecular graph).
+Each case runs in a fresh subprocess so that its peak memory (resident set size on the CPU,
+``torch.cuda.max_memory_allocated`` on CUDA) is its own.
+
+    python bench/radius_graph.py            # 1e3 .. 1e6 points, both backends
+    python bench/radius_graph.py --smoke    # 1e3 and 1e4 points only (CI)
+    python bench/radius_graph.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_case(num_points: int, backend: str, neighbors: float, device: str, repeats: int) -> dict:
+    import torch
+
+    from se3tutor import radius_graph
+
+    torch.manual_seed(0)
+    # Uniform density n / L^3 with (4/3) pi r^3 * density = neighbors at r = 1.
+    side = (num_points * 4 / 3 * math.pi / neighbors) ** (1 / 3)
+    pos = torch.rand(num_points, 3, device=device) * side
+    radius_graph(pos[:1000], 1.0, backend=backend)  # warm up (imports, kernels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        edge_index = radius_graph(pos, 1.0, backend=backend)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux; the growth is what this call needed beyond the input
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    return {
+        "points": num_points,
+        "backend": backend,
+        "seconds": min(times),
+        "peak_mb": peak_mb,
+        "edges": edge_index.shape[1],
+        "degree": edge_index.shape[1] / num_points,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small sizes only (for CI)")
+    parser.add_argument("--neighbors", type=float, default=20.0, help="mean neighbours per point")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--case", nargs=2, metavar=("POINTS", "BACKEND"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:
+        points, backend = int(args.case[0]), args.case[1]
+        repeats = 3 if points <= 100_000 else 1
+        print(json.dumps(run_case(points, backend, args.neighbors, args.device, repeats)))
+        return
+
+    sizes = [1_000, 10_000] if args.smoke else [1_000, 10_000, 100_000, 1_000_000]
+    backends = ["torch"]
+    if importlib.util.find_spec("torch_cluster"):
+        backends.append("pyg")
+    else:
+        print("torch-cluster is not installed: timing the pure-torch backend only")
+    print(f"radius_graph on {args.device}, about {args.neighbors:g} neighbours per point, r_max=1")
+    header = (
+        f"{'points':>10} {'backend':>8} {'seconds':>9} {'peak MB':>9} {'edges':>11} {'degree':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for points in sizes:
+        for backend in backends:
+            command = [
+                sys.executable,
+                __file__,
+                "--case",
+                str(points),
+                backend,
+                "--neighbors",
+                str(args.neighbors),
+                "--device",
+                args.device,
+            ]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            results[points, backend] = row
+            print(
+                f"{row['points']:>10,} {row['backend']:>8} {row['seconds']:>9.3f} "
+                f"{row['peak_mb']:>9.0f} {row['edges']:>11,} {row['degree']:>7.1f}",
+                flush=True,
+            )
+    if "pyg" in backends:
+        print("\nratio torch / torch-cluster:")
+        for points in sizes:
+            ratio = results[points, "torch"]["seconds"] / results[points, "pyg"]["seconds"]
+            print(f"{points:>10,}  {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+r"""Equivariant graph attention of the SE(3)-Transformer (book: Attention).
+
+.. math:: f'_i = \sum_{j \in \partial(i)} \sqrt{\alpha_{ij}}\ v_{ij}, \qquad
+          \alpha_{ij} = \frac{c(r_{ij})\, e^{q_i \cdot k_{ij}}}
+                             {\sum_{j'} c(r_{ij'})\, e^{q_i \cdot k_{ij'}}}
+
+- queries :math:`q_i = h_Q(f_i)`, an equivariant linear map (``o3.Linear``);
+- keys :math:`k_{ij} = f_j \otimes_{w_K(r_{ij})} Y(\hat x_{ij})` and values
+  :math:`v_{ij} = f_j \otimes_{w_V(r_{ij})} Y(\hat x_{ij})`, tensor products with the edge's
+  spherical harmonics, weighted by MLPs of the embedded edge length;
+- :math:`q_i \cdot k_{ij}`: an invariant, learned dot product (a tensor product into ``0e``);
+- :math:`c(r)`: the smooth cutoff, so that an edge enters and leaves the softmax smoothly.
+
+This is the formula of e3nn's attention guide (its later version), with one change that does
+not alter the value: the softmax subtracts each centre's largest logit before ``exp``
+(:func:`se3tutor.graph.segment_softmax`), so it does not overflow in deep stacks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from e3nn import o3
+
+from se3tutor.graph import (
+    check_graph_inputs,
+    edge_vectors,
+    radius_graph,
+    scatter,
+    segment_softmax,
+)
+from se3tutor.radial import embed_edge_length, radial_mlp, smooth_cutoff
+
+__all__ = ["EquivariantAttention"]
+
+
+class EquivariantAttention(torch.nn.Module):
+    r"""Graph attention of the SE(3)-Transformer, one head (book: Attention).
+
+    .. math:: f'_i = \sum_j \sqrt{\alpha_{ij}}\, v_{ij}, \quad
+              \alpha_{ij} = \frac{c(r_{ij}) e^{q_i \cdot k_{ij}}}
+                                 {\sum_{j'} c(r_{ij'}) e^{q_i \cdot k_{ij'}}}
+
+    Args:
+        irreps_input, irreps_query, irreps_key, irreps_output: irreps of the node features,
+            queries, keys, and outputs (= values). ``e3nn.o3.Irreps`` or str.
+        irreps_sh: irreps of the edge spherical harmonics, e.g.
+            ``o3.Irreps.spherical_harmonics(3)``.
+        number_of_basis: number of radial basis functions.
+        max_radius: cutoff radius of the graph, the basis and the smooth cutoff.
+        radial_hidden: width of the hidden layer of the radial MLPs.
+
+    Submodules: ``h_q`` (``o3.Linear``), ``tp_k``/``tp_v`` (``FullyConnectedTensorProduct``,
+    ``shared_weights=False``), ``fc_k``/``fc_v`` (``[number_of_basis, radial_hidden,
+    weight_numel]`` MLPs with SiLU), ``dot`` (``FullyConnectedTensorProduct`` into ``0e``).
+
+    Shapes: ``f [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
+    ``edge_index [2, num_edges]`` (default: ``radius_graph(pos, max_radius, batch)``),
+    ``batch [num_nodes]`` -> ``[num_nodes, irreps_output.dim]``.
+
+    >>> att = EquivariantAttention("4x0e + 2x1o", "3x0e + 1x1o", "3x0e + 1x1o", "2x0e + 1x1o",
+    ...                            "0e + 1o", number_of_basis=5, max_radius=1.5)
+    >>> att(att.irreps_input.randn(6, -1), torch.randn(6, 3)).shape
+    torch.Size([6, 5])
+    """
+
+    def __init__(
+        self,
+        irreps_input,
+        irreps_query,
+        irreps_key,
+        irreps_output,
+        irreps_sh,
+        number_of_basis: int,
+        max_radius: float,
+        radial_hidden: int = 16,
+    ) -> None:
+        super().__init__()
+        self.irreps_input = o3.Irreps(irreps_input)
+        self.irreps_query = o3.Irreps(irreps_query)
+        self.irreps_key = o3.Irreps(irreps_key)
+        self.irreps_output = o3.Irreps(irreps_output)
+        self.irreps_sh = o3.Irreps(irreps_sh)
+        self.number_of_basis = number_of_basis
+        self.max_radius = max_radius
+        silu = torch.nn.functional.silu
+
+        self.h_q = o3.Linear(self.irreps_input, self.irreps_query)
+        self.tp_k = o3.FullyConnectedTensorProduct(
+            self.irreps_input, self.irreps_sh, self.irreps_key, shared_weights=False
+        )
+        self.fc_k = radial_mlp(number_of_basis, radial_hidden, self.tp_k.weight_numel, silu)
+        self.tp_v = o3.FullyConnectedTensorProduct(
+            self.irreps_input, self.irreps_sh, self.irreps_output, shared_weights=False
+        )
+        self.fc_v = radial_mlp(number_of_basis, radial_hidden, self.tp_v.weight_numel, silu)
+        self.dot = o3.FullyConnectedTensorProduct(self.irreps_query, self.irreps_key, "0e")
+
+    def forward(
+        self,
+        f: torch.Tensor,
+        pos: torch.Tensor,
+        edge_index: Optional[torch.Tensor] = None,
+        batch: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        check_graph_inputs(self, self.irreps_input, f, pos, edge_index, batch)
+        if edge_index is None:
+            edge_index = radius_graph(pos, self.max_radius, batch=batch)
+        edge_src, edge_dst = edge_index
+        edge_vec = edge_vectors(pos, edge_index)
+        edge_length = edge_vec.norm(dim=1)
+        edge_length_embedded = embed_edge_length(
+            edge_length, self.max_radius, self.number_of_basis, cutoff=True
+        )
+        edge_weight_cutoff = smooth_cutoff(edge_length, self.max_radius)  # [num_edges]
+        edge_sh = o3.spherical_harmonics(
+            self.irreps_sh, edge_vec, normalize=True, normalization="component"
+        )
+
+        q = self.h_q(f)  # [num_nodes, irreps_query.dim]
+        k = self.tp_k(f[edge_src], edge_sh, self.fc_k(edge_length_embedded))  # [num_edges, key]
+        v = self.tp_v(f[edge_src], edge_sh, self.fc_v(edge_length_embedded))  # [num_edges, out]
+
+        logits = self.dot(q[edge_dst], k)  # [num_edges, 1]
+        alpha = segment_softmax(logits, edge_dst, f.shape[0], weight=edge_weight_cutoff)
+        # sqrt(alpha): the alphas of a centre sum to 1, so sum_j (sqrt(alpha_ij))^2 = 1 and the
+        # output keeps the values' second moment (book: Attention). relu has gradient 0 at
+        # alpha = 0 (edges at the cutoff), which stops sqrt's infinite slope there.
+        return scatter(alpha.relu().sqrt() * v, edge_dst, dim=0, dim_size=f.shape[0])

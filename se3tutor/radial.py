@@ -1,0 +1,77 @@
+r"""Functions of the edge length: radial embedding, smooth cutoff, radial MLP (book: Convolution,
+Attention; Smoothness).
+
+The tensor-product weights of an edge depend on its length :math:`r = \|x_{ij}\|` through
+
+.. math:: w(r) = \mathrm{MLP}\big(\sqrt{B}\,\mathrm{basis}(r)\big),
+
+where ``basis`` maps :math:`r` onto :math:`B` smooth bumps on :math:`[0, r_{max}]`
+(``e3nn.math.soft_one_hot_linspace``) and :math:`\sqrt{B}` gives the embedding a second moment
+close to 1 (about one bump is "on" at a time, each of height about :math:`1/\sqrt{B}` in the
+mean square). The MLP is ``e3nn.nn.FullyConnectedNet``, which has no biases: an all-zero
+embedding (an edge at or beyond the cutoff, for the ``cutoff=True`` basis) gives zero weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from e3nn import nn
+from e3nn.math import soft_one_hot_linspace, soft_unit_step
+
+__all__ = ["embed_edge_length", "radial_mlp", "smooth_cutoff", "CUTOFF_SHARPNESS"]
+
+# soft_unit_step(CUTOFF_SHARPNESS * (1 - r / r_max)) rises from 0 at r = r_max to
+# exp(-1/CUTOFF_SHARPNESS) ~ 0.905 at r = 0: a sharper step wastes less of the sphere but has
+# larger derivatives near the cutoff. 10 is the value of e3nn's attention guide.
+CUTOFF_SHARPNESS = 10.0
+
+
+def embed_edge_length(
+    edge_length: torch.Tensor,
+    max_radius: float,
+    number_of_basis: int,
+    basis: str = "smooth_finite",
+    cutoff: bool = True,
+) -> torch.Tensor:
+    r"""Embed edge lengths on ``number_of_basis`` smooth bumps, scaled to second moment ~1.
+
+    .. math:: e(r) = \sqrt{B}\ \mathrm{soft\_one\_hot\_linspace}(r, 0, r_{max}, B)
+
+    ``cutoff=True`` makes every bump vanish (smoothly) at 0 and at ``max_radius``; the
+    Convolution chapter (after e3nn's convolution guide) uses ``cutoff=False``, the Attention
+    chapter ``cutoff=True``.
+
+    Shapes: ``edge_length [num_edges] -> [num_edges, number_of_basis]``.
+
+    >>> embed_edge_length(torch.tensor([0.5, 2.0]), max_radius=1.0, number_of_basis=4).shape
+    torch.Size([2, 4])
+    """
+    embedded = soft_one_hot_linspace(
+        edge_length, start=0.0, end=max_radius, number=number_of_basis, basis=basis, cutoff=cutoff
+    )
+    return embedded.mul(number_of_basis**0.5)
+
+
+def smooth_cutoff(edge_length: torch.Tensor, max_radius: float) -> torch.Tensor:
+    r"""Smooth weight that is 0 for :math:`r \ge r_{max}` and rises smoothly inside:
+    :math:`u(\kappa (1 - r / r_{max}))` with ``e3nn.math.soft_unit_step`` :math:`u` and
+    :math:`\kappa` = ``CUTOFF_SHARPNESS``. Every derivative is 0 at the cutoff.
+
+    Shapes: ``[num_edges] -> [num_edges]``.
+
+    >>> smooth_cutoff(torch.tensor([1.0, 2.0]), max_radius=1.0)
+    tensor([0., 0.])
+    """
+    return soft_unit_step(CUTOFF_SHARPNESS * (1 - edge_length / max_radius))
+
+
+def radial_mlp(
+    number_of_basis: int, radial_hidden: int, weight_numel: int, act: Callable
+) -> nn.FullyConnectedNet:
+    """The MLP :math:`h` from the embedded length to ``weight_numel`` tensor-product weights:
+    ``FullyConnectedNet([number_of_basis, radial_hidden, weight_numel], act)``, bias-free and
+    initialised so that its outputs have second moment ~1 (book: Normalization).
+    """
+    return nn.FullyConnectedNet([number_of_basis, radial_hidden, weight_numel], act)

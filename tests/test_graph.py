@@ -1,0 +1,198 @@
+"""se3tutor.graph: radius graph, scatter and segment softmax, on both backends."""
+
+import pytest
+import torch
+
+from se3tutor.graph import (
+    _radius_graph_cells,
+    edge_vectors,
+    radius_graph,
+    scatter,
+    segment_softmax,
+)
+
+
+def brute_force_edges(pos, r_max, batch=None, loop=False):
+    """Every pair closer than r_max, from the full distance matrix (small clouds only)."""
+    dist2 = (pos[:, None] - pos[None]).pow(2).sum(-1)
+    connected = dist2 < r_max**2
+    if batch is not None:
+        connected &= batch[:, None] == batch[None]
+    if not loop:
+        connected.fill_diagonal_(False)
+    dst, src = connected.nonzero().T
+    return set(zip(src.tolist(), dst.tolist()))
+
+
+def edge_set(edge_index):
+    edges = set(zip(*edge_index.tolist()))
+    assert len(edges) == edge_index.shape[1], "an edge appears twice"
+    return edges
+
+
+@pytest.mark.parametrize("num_nodes", [0, 1, 2, 30, 500])
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_radius_graph_finds_exactly_the_pairs_closer_than_r_max(backend, num_nodes, loop, batched):
+    pos = torch.randn(num_nodes, 3) * 2
+    batch = torch.randint(0, 3, (num_nodes,)) if batched else None  # unsorted on purpose
+    edge_index = radius_graph(pos, 1.1, batch=batch, loop=loop)
+    assert edge_index.dtype == torch.long and edge_index.shape[0] == 2
+    assert edge_set(edge_index) == brute_force_edges(pos, 1.1, batch, loop)
+
+
+def test_both_backends_give_the_same_edges_on_a_dense_batched_cloud():
+    pytest.importorskip("torch_cluster")
+    pos = torch.rand(3000, 3) * 6
+    batch = torch.arange(3000) // 1000
+    for loop in (False, True):
+        by_torch = radius_graph(pos, 0.8, batch=batch, loop=loop, backend="torch")
+        by_pyg = radius_graph(pos, 0.8, batch=batch, loop=loop, backend="pyg")
+        assert edge_set(by_torch) == edge_set(by_pyg)
+
+
+def test_radius_graph_rows_are_source_then_destination_and_edge_vec_points_to_the_source(backend):
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    edge_index = radius_graph(pos, 1.0)
+    assert edge_set(edge_index) == {(0, 1), (1, 0)}
+    vec = edge_vectors(pos, torch.tensor([[1], [0]]))  # message from 1 to centre 0
+    assert torch.equal(vec, torch.tensor([[0.5, 0.0, 0.0]]))
+
+
+def test_points_exactly_at_the_cutoff_are_not_connected_and_coincident_points_are(backend):
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]])
+    assert edge_set(radius_graph(pos, 1.0)) == {(0, 2), (2, 0)}
+
+
+def test_a_cloud_far_from_the_origin_loses_no_pair():
+    # float32 positions near 1e4 with r_max 0.5: cell indices must not suffer from rounding.
+    pos = (torch.rand(400, 3) * 3 + 1e4).double().float()
+    assert edge_set(radius_graph(pos, 0.5, backend="torch")) == brute_force_edges(pos, 0.5)
+
+
+def test_the_neighbour_cap_keeps_the_nearest_neighbours():
+    pos = torch.randn(300, 3)
+    full = radius_graph(pos, 1.5, backend="torch")
+    capped = radius_graph(pos, 1.5, max_num_neighbors=5, backend="torch")
+    for i in range(300):
+        neighbours = full[0, full[1] == i]
+        kept = capped[0, capped[1] == i]
+        assert len(kept) == min(5, len(neighbours))
+        dist = (pos[neighbours] - pos[i]).norm(dim=1).sort().values
+        kept_dist = (pos[kept] - pos[i]).norm(dim=1).sort().values
+        assert torch.equal(kept_dist, dist[: len(kept)])
+
+
+def test_the_neighbour_cap_of_the_pyg_backend_keeps_a_subset_of_the_right_size():
+    pytest.importorskip("torch_cluster")
+    pos = torch.randn(300, 3)
+    full = edge_set(radius_graph(pos, 1.5, backend="torch"))
+    capped = radius_graph(pos, 1.5, max_num_neighbors=5, backend="pyg")
+    assert edge_set(capped) <= full
+    degree = torch.bincount(capped[1], minlength=300)
+    full_degree = torch.bincount(torch.tensor([d for _, d in full]), minlength=300)
+    assert torch.equal(degree, full_degree.clamp(max=5))
+
+
+def test_no_cap_by_default_unlike_torch_cluster():
+    pos = torch.randn(200, 3) * 0.1  # everyone sees everyone: 199 neighbours each
+    edge_index = radius_graph(pos, 10.0)
+    assert torch.equal(torch.bincount(edge_index[1]), torch.full((200,), 199))
+
+
+def test_the_cell_list_is_chunked_when_candidates_are_many(monkeypatch):
+    import se3tutor.graph as graph
+
+    monkeypatch.setattr(graph, "_MAX_CANDIDATES_PER_CHUNK", 500)
+    pos = torch.randn(400, 3)
+    edges = _radius_graph_cells(pos, 1.0, None, False, None)
+    assert edge_set(edges) == brute_force_edges(pos, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"pos": torch.randn(5, 2)}, "pos must have shape"),
+        ({"pos": torch.randint(0, 3, (5, 3))}, "floating-point"),
+        ({"r_max": -1.0}, "r_max"),
+        ({"batch": torch.zeros(4, dtype=torch.long)}, "batch must have shape"),
+        ({"batch": torch.zeros(5)}, "batch must be an integer"),
+        ({"max_num_neighbors": -2}, "max_num_neighbors"),
+        ({"backend": "cupy"}, "backend"),
+    ],
+)
+def test_radius_graph_rejects_bad_input_naming_the_argument(kwargs, error):
+    args = {"pos": torch.randn(5, 3), "r_max": 1.0, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=error):
+        radius_graph(**args)
+
+
+def naive_scatter(src, index, dim_size, reduce):
+    out = []
+    for i in range(dim_size):
+        rows = src[index == i]
+        if len(rows) == 0:
+            out.append(torch.full(src.shape[1:], 1.0 if reduce == "mul" else 0.0))
+        else:
+            op = {"sum": torch.sum, "mean": torch.mean, "mul": torch.prod}.get(reduce)
+            out.append(
+                op(rows, dim=0)
+                if op
+                else getattr(rows, "amax" if reduce == "max" else "amin")(dim=0)
+            )
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "mul"])
+def test_scatter_reduces_rows_that_share_an_index(backend, reduce):
+    src = torch.randn(50, 4, dtype=torch.float64)
+    index = torch.randint(0, 12, (50,))
+    out = scatter(src, index, dim=0, dim_size=15, reduce=reduce)  # slots 12..14 are empty
+    torch.testing.assert_close(out, naive_scatter(src, index, 15, reduce))
+
+
+def test_scatter_along_a_later_dimension(backend):
+    src = torch.randn(3, 10)
+    index = torch.randint(0, 4, (10,))
+    out = scatter(src, index, dim=1, dim_size=4)
+    torch.testing.assert_close(out, naive_scatter(src.T, index, 4, "sum").T)
+
+
+def test_both_scatter_backends_give_equal_sums():
+    pytest.importorskip("torch_scatter")
+    src = torch.randn(10000, 8, dtype=torch.float64)
+    index = torch.randint(0, 500, (10000,))
+    by_torch = scatter(src, index, dim_size=500, backend="torch")
+    by_pyg = scatter(src, index, dim_size=500, backend="pyg")
+    torch.testing.assert_close(by_torch, by_pyg, rtol=0, atol=1e-12)
+
+
+def test_scatter_rejects_an_index_of_the_wrong_length():
+    with pytest.raises(ValueError, match="index has 3 entries"):
+        scatter(torch.randn(4, 2), torch.tensor([0, 1, 0]))
+
+
+def test_segment_softmax_sums_to_one_per_destination_and_matches_the_plain_formula():
+    logits = torch.randn(40, 1, dtype=torch.float64)
+    index = torch.randint(0, 6, (40,))
+    alpha = segment_softmax(logits, index, 8)
+    z = scatter(logits.exp(), index, dim_size=8)
+    torch.testing.assert_close(alpha, logits.exp() / z[index])
+    totals = scatter(alpha, index, dim_size=8)[torch.unique(index)]
+    torch.testing.assert_close(totals, torch.ones_like(totals))
+
+
+def test_segment_softmax_is_finite_where_plain_exp_overflows():
+    logits = torch.tensor([1000.0, 999.0, -1000.0])
+    alpha = segment_softmax(logits, torch.tensor([0, 0, 1]), 2)
+    assert not torch.isfinite(logits.exp()).all()
+    torch.testing.assert_close(alpha, torch.tensor([1 / (1 + torch.e**-1), 1 / (1 + torch.e), 1.0]))
+
+
+def test_segment_softmax_weights_the_numerator_and_guards_zero_weights():
+    logits = torch.tensor([0.0, 0.0, 50.0, 3.0])
+    weight = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    alpha = segment_softmax(logits, torch.tensor([0, 0, 0, 1]), 2, weight=weight)
+    # Destination 0: the zero-weight edge with the largest logit does not count; destination
+    # 1 has only zero weights, so every alpha is 0 instead of 0/0.
+    torch.testing.assert_close(alpha, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
