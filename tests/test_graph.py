@@ -117,6 +117,7 @@ def test_the_cell_list_is_chunked_when_candidates_are_many(monkeypatch):
         ({"r_max": -1.0}, "r_max"),
         ({"batch": torch.zeros(4, dtype=torch.long)}, "batch must have shape"),
         ({"batch": torch.zeros(5)}, "batch must be an integer"),
+        ({"batch": torch.tensor([0, 0, -1, 1, 1])}, "batch entries must be >= 0"),
         ({"max_num_neighbors": -2}, "max_num_neighbors"),
         ({"backend": "cupy"}, "backend"),
     ],
