@@ -51,6 +51,10 @@ class EquivariantAttention(torch.nn.Module):
         max_radius: cutoff radius of the graph, the basis and the smooth cutoff.
         radial_hidden: width of the hidden layer of the radial MLPs.
 
+    Float64: build the module under ``torch.set_default_dtype(torch.float64)`` (or
+    ``se3tutor.checks.default_dtype``); e3nn computes its Clebsch-Gordan constants in the
+    default dtype, so ``.double()`` afterwards keeps float32-accurate constants.
+
     Submodules: ``h_q`` (``o3.Linear``), ``tp_k``/``tp_v`` (``FullyConnectedTensorProduct``,
     ``shared_weights=False``), ``fc_k``/``fc_v`` (``[number_of_basis, radial_hidden,
     weight_numel]`` MLPs with SiLU), ``dot`` (``FullyConnectedTensorProduct`` into ``0e``).

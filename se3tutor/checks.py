@@ -7,7 +7,8 @@ rotation (or rotation with inversion) :math:`R`, translation :math:`t` and permu
 .. math:: L(D_{in}(R) f,\ R x + t) = D_{out}(R)\, L(f, x), \qquad L(P f, P x) = P\, L(f, x).
 
 Each check returns the largest absolute deviation, so that a caller states its own tolerance
-(about 1e-5 times the output scale in float32, 1e-12 in float64).
+(about 1e-5 times the output scale in float32, 1e-12 to 1e-10 in float64: torch.matrix_exp,
+which e3nn uses for the Wigner matrices, is accurate to only ~1e-11 for some angles).
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ class Convolution(torch.nn.Module):
         num_neighbors: :math:`z`, the typical number of neighbours (normalisation constant).
         radial_hidden: width of the hidden layer of the radial MLP.
 
+    Float64: build the module under ``torch.set_default_dtype(torch.float64)`` (or
+    ``se3tutor.checks.default_dtype``); e3nn computes its Clebsch-Gordan constants in the
+    default dtype, so ``.double()`` afterwards keeps float32-accurate constants.
+
     Submodules: ``tp`` (``FullyConnectedTensorProduct``, ``shared_weights=False``) and ``fc``
     (``FullyConnectedNet([num_basis, radial_hidden, tp.weight_numel], relu)``).
 

@@ -94,9 +94,9 @@ def radius_graph(
 
     The semantics of ``torch_cluster.radius_graph`` (flow source to target), with one
     difference: ``max_num_neighbors=None`` (the default) means *no cap*. torch-cluster's default
-    cap of 32 silently drops edges in dense clouds. With a cap, the pure-torch backend keeps
-    each centre's ``max_num_neighbors`` *nearest* neighbours; torch-cluster keeps an arbitrary
-    subset (the order of its k-d tree search).
+    cap of 32 silently drops edges in dense clouds. With a cap, both backends keep each
+    centre's ``max_num_neighbors`` *nearest* neighbours (torch-cluster's own cap keeps an
+    arbitrary subset, in the order of its k-d tree search).
 
     The pure-torch backend is a cell list: points are binned into cubes of side ``r_max`` and
     only the 27 surrounding cubes are searched, so the work and memory are linear in the
@@ -146,10 +146,14 @@ def _radius_graph_pyg(pos, r_max, batch, loop, max_num_neighbors):
         order = torch.argsort(batch, stable=True)
         edge_index = _radius_graph_pyg(pos[order], r_max, batch[order], loop, max_num_neighbors)
         return order[edge_index]
-    cap = num_nodes if max_num_neighbors is None else max_num_neighbors
-    return torch_cluster.radius_graph(
-        pos, r_max, batch=batch, loop=loop, max_num_neighbors=cap, flow="source_to_target"
+    # No cap inside torch-cluster: it would keep an arbitrary subset (the order of its k-d tree
+    # search, and with loop=False sometimes one neighbour too many). The nearest are kept below.
+    edge_index = torch_cluster.radius_graph(
+        pos, r_max, batch=batch, loop=loop, max_num_neighbors=num_nodes, flow="source_to_target"
     )
+    if max_num_neighbors is not None:
+        edge_index = _keep_nearest(edge_index, pos, max_num_neighbors, num_nodes)
+    return edge_index
 
 
 # Cells have side r_max / CELLS_PER_RADIUS, so a point's neighbours lie in the cells at most
