@@ -178,7 +178,7 @@ def _radius_graph_cells(pos, r_max, batch, loop, max_num_neighbors):
     num_nodes = pos.shape[0]
     if num_nodes == 0:
         return torch.empty(2, 0, dtype=torch.long, device=device)
-    pos = pos.detach()
+    pos = original_pos = pos.detach()
 
     # Integer cell of each point, shifted by one so that every neighbour cell index is >= 0.
     # Cell coordinates are computed in float64: float32 would lose whole cells far from 0.
@@ -232,9 +232,7 @@ def _radius_graph_cells(pos, r_max, batch, loop, max_num_neighbors):
         targets.append(everyone)
     edge_index = order[torch.stack([torch.cat(sources), torch.cat(targets)])]
     if max_num_neighbors is not None:
-        edge_index = _keep_nearest(
-            edge_index, pos[torch.argsort(order)], max_num_neighbors, num_nodes
-        )
+        edge_index = _keep_nearest(edge_index, original_pos, max_num_neighbors, num_nodes)
     return edge_index
 
 
