@@ -98,9 +98,10 @@ def radius_graph(
     centre's ``max_num_neighbors`` *nearest* neighbours (torch-cluster's own cap keeps an
     arbitrary subset, in the order of its k-d tree search).
 
-    The pure-torch backend is a cell list: points are binned into cubes of side ``r_max`` and
-    only the 27 surrounding cubes are searched, so the work and memory are linear in the
-    number of points at fixed density (no ``N x N`` distance matrix).
+    The pure-torch backend is a cell list: points are sorted into cubes of side
+    ``r_max / CELLS_PER_RADIUS`` and each pair is looked for once, among the cubes within
+    ``r_max`` on one side of a point, so the work and memory are linear in the number of points
+    at fixed density (no ``N x N`` distance matrix).
 
     Args:
         pos: ``[num_nodes, 3]`` positions.
@@ -180,7 +181,7 @@ def _radius_graph_cells(pos, r_max, batch, loop, max_num_neighbors):
         return torch.empty(2, 0, dtype=torch.long, device=device)
     pos = original_pos = pos.detach()
 
-    # Integer cell of each point, shifted by one so that every neighbour cell index is >= 0.
+    # Integer cell of each point, shifted by k so that every neighbour cell index is >= 0.
     # Cell coordinates are computed in float64: float32 would lose whole cells far from 0.
     k = CELLS_PER_RADIUS
     pos64 = pos.double()
