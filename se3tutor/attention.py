@@ -50,6 +50,11 @@ class EquivariantAttention(torch.nn.Module):
         number_of_basis: number of radial basis functions.
         max_radius: cutoff radius of the graph, the basis and the smooth cutoff.
         radial_hidden: width of the hidden layer of the radial MLPs.
+        cutoff: the smooth design (default): the radial basis vanishes at 0 and at
+            ``max_radius`` and the softmax numerator carries the weight :math:`c(r)`.
+            ``False`` drops both (hard cutoff, :math:`c = 1`, the basis of the guide's first
+            version): the output jumps when a neighbour crosses the cutoff sphere
+            (book: Smoothness).
 
     Float64: build the module under ``torch.set_default_dtype(torch.float64)`` (or
     ``se3tutor.checks.default_dtype``); e3nn computes its Clebsch-Gordan constants in the
@@ -79,6 +84,7 @@ class EquivariantAttention(torch.nn.Module):
         number_of_basis: int,
         max_radius: float,
         radial_hidden: int = 16,
+        cutoff: bool = True,
     ) -> None:
         super().__init__()
         self.irreps_input = o3.Irreps(irreps_input)
@@ -88,6 +94,7 @@ class EquivariantAttention(torch.nn.Module):
         self.irreps_sh = o3.Irreps(irreps_sh)
         self.number_of_basis = number_of_basis
         self.max_radius = max_radius
+        self.cutoff = cutoff
         silu = torch.nn.functional.silu
 
         self.h_q = o3.Linear(self.irreps_input, self.irreps_query)
@@ -115,9 +122,10 @@ class EquivariantAttention(torch.nn.Module):
         edge_vec = edge_vectors(pos, edge_index)
         edge_length = edge_vec.norm(dim=1)
         edge_length_embedded = embed_edge_length(
-            edge_length, self.max_radius, self.number_of_basis, cutoff=True
+            edge_length, self.max_radius, self.number_of_basis, cutoff=self.cutoff
         )
-        edge_weight_cutoff = smooth_cutoff(edge_length, self.max_radius)  # [num_edges]
+        # [num_edges], or None: every edge inside the sphere counts fully
+        edge_weight_cutoff = smooth_cutoff(edge_length, self.max_radius) if self.cutoff else None
         edge_sh = o3.spherical_harmonics(
             self.irreps_sh, edge_vec, normalize=True, normalization="component"
         )

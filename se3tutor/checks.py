@@ -9,6 +9,13 @@ rotation (or rotation with inversion) :math:`R`, translation :math:`t` and permu
 Each check returns the largest absolute deviation, so that a caller states its own tolerance
 (about 1e-5 times the output scale in float32, 1e-12 to 1e-10 in float64: torch.matrix_exp,
 which e3nn uses for the Wigner matrices, is accurate to only ~1e-11 for some angles).
+
+A layer is *smooth* when its output and the output's derivative with respect to the positions
+(a force, in a physics model) change continuously as a node moves, in particular when it
+crosses another node's cutoff sphere (book: Smoothness). :func:`response_along_line` traces
+both along a line, :func:`largest_jumps` measures the largest change between neighbouring
+steps (it shrinks with the step for a smooth layer, and does not for a hard cutoff), and
+:func:`gradients_match_finite_differences` compares autograd with finite differences.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ __all__ = [
     "default_dtype",
     "equivariance_error",
     "gradients_are_finite",
+    "gradients_match_finite_differences",
+    "largest_jumps",
     "permutation_error",
+    "response_along_line",
 ]
 
 GraphLayer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -115,3 +125,110 @@ def gradients_are_finite(layer: GraphLayer, f: torch.Tensor, pos: torch.Tensor) 
     inputs = [f, pos, *parameters]
     grads = torch.autograd.grad(layer(f, pos).sum(), inputs, allow_unused=True)
     return all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+
+
+def response_along_line(
+    layer: Callable[..., torch.Tensor],
+    f: torch.Tensor,
+    pos: torch.Tensor,
+    node: int,
+    direction: torch.Tensor,
+    t: torch.Tensor,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""A scalar readout of the layer, and its derivative, as ``node`` moves along a line.
+
+    .. math:: y(t) = \sum_{n,c} w_{nc}\, L\big(f, x + t\, d\, e_{node}\big)_{nc}, \qquad
+              y'(t) = \nabla_{x_{node}}\, y \cdot d
+
+    with fixed random weights :math:`w` (drawn from ``seed``), so that every output channel
+    counts. All ``len(t)`` copies of the graph are evaluated in one call, as one batch
+    (``layer(f, pos, batch=batch)``), with one backward pass.
+
+    Shapes: ``f [num_nodes, dim_in]``, ``pos [num_nodes, 3]``, ``direction [3]``, ``t [S]``
+    -> ``(y [S], dy_dt [S])``.
+
+    >>> def layer(f, pos, batch):  # f times the distance of each node to node 0 of its graph
+    ...     first = torch.zeros_like(batch).scatter_reduce(0, batch, torch.arange(len(batch)),
+    ...                                                    "amin", include_self=False)
+    ...     return f * (pos - pos[first[batch]]).norm(dim=1, keepdim=True)
+    >>> y, dy = response_along_line(layer, torch.ones(2, 1), torch.zeros(2, 3), node=1,
+    ...                             direction=torch.tensor([1.0, 0, 0]), t=torch.tensor([1.0, 2.0]))
+    >>> torch.allclose(dy, dy[0]), torch.allclose(y[1], 2 * y[0])
+    (True, True)
+    """
+    num_nodes, num_steps = pos.shape[0], t.shape[0]
+    if not 0 <= node < num_nodes:
+        raise ValueError(f"node must be in [0, {num_nodes}), got {node}")
+    if direction.shape != (3,) or t.dim() != 1:
+        raise ValueError(
+            f"direction must be [3] and t [S], got {tuple(direction.shape)} and {tuple(t.shape)}"
+        )
+    shift = torch.zeros(num_steps, num_nodes, 3, dtype=pos.dtype, device=pos.device)
+    shift[:, node] = t.to(pos.dtype)[:, None] * direction.to(pos.dtype)
+    moved = (pos.detach() + shift).reshape(num_steps * num_nodes, 3).requires_grad_(True)
+    features = f.detach().repeat(num_steps, 1)
+    batch = torch.arange(num_steps, device=pos.device).repeat_interleave(num_nodes)
+    out = layer(features, moved, batch=batch).reshape(num_steps, num_nodes, -1)
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(out.shape[1:], generator=generator, dtype=out.dtype).to(out.device)
+    y = (out * weights).sum(dim=(1, 2))
+    if not y.requires_grad:  # the readout does not depend on the positions
+        return y, torch.zeros_like(y)
+    (grad,) = torch.autograd.grad(y.sum(), moved)
+    dy_dt = grad.reshape(num_steps, num_nodes, 3)[:, node] @ direction.to(pos.dtype)
+    return y.detach(), dy_dt
+
+
+def largest_jumps(
+    layer: Callable[..., torch.Tensor],
+    f: torch.Tensor,
+    pos: torch.Tensor,
+    node: int,
+    direction: torch.Tensor,
+    t_start: float,
+    t_stop: float,
+    step: float,
+) -> tuple[float, float]:
+    r"""The largest change of the readout :math:`y` and of its slope :math:`y'` between
+    neighbouring points of the grid ``t_start, t_start + step, ... < t_stop``
+    (see :func:`response_along_line`).
+
+    For a smooth layer both shrink in proportion to ``step``; where the output jumps (a hard
+    cutoff inside the window) the first stays at the size of the jump however small the step.
+
+    >>> def layer(f, pos, batch):  # a hard step at x = 0.5, slope 0 elsewhere
+    ...     return f * (pos[:, :1] > 0.5)
+    >>> args = layer, torch.ones(1, 1), torch.zeros(1, 3), 0, torch.tensor([1.0, 0, 0]), 0.0, 1.0
+    >>> largest_jumps(*args, step=1e-2) == largest_jumps(*args, step=1e-4)
+    True
+    """
+    if not step > 0 or not t_stop > t_start:
+        raise ValueError(f"need step > 0 and t_stop > t_start, got {step}, [{t_start}, {t_stop})")
+    t = torch.arange(t_start, t_stop, step, dtype=pos.dtype, device=pos.device)
+    y, dy_dt = response_along_line(layer, f, pos, node, direction, t)
+    return float(y.diff().abs().max()), float(dy_dt.diff().abs().max())
+
+
+def gradients_match_finite_differences(
+    layer: GraphLayer, f: torch.Tensor, pos: torch.Tensor, eps: float = 1e-6, atol: float = 1e-5
+) -> bool:
+    r"""Whether the autograd gradients of ``layer(f, pos)`` with respect to ``f`` and ``pos``
+    agree with central finite differences (``torch.autograd.gradcheck``, float64 only).
+
+    At a point where the layer is not differentiable (a hard cutoff, or the direction of an
+    edge of length 0 with a non-zero weight) the two disagree and this returns ``False``.
+
+    >>> f, pos = torch.ones(2, 1, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
+    >>> gradients_match_finite_differences(lambda f, pos: f * pos.norm(dim=1, keepdim=True), f, pos)
+    True
+    >>> gradients_match_finite_differences(lambda f, pos: f * (pos[:, :1] > 0), f, pos)
+    False
+    """
+    if f.dtype != torch.float64 or pos.dtype != torch.float64:
+        raise TypeError(
+            f"finite differences need float64 inputs (and a float64 layer), got {f.dtype}, "
+            f"{pos.dtype}"
+        )
+    inputs = (f.detach().requires_grad_(True), pos.detach().requires_grad_(True))
+    return torch.autograd.gradcheck(layer, inputs, eps=eps, atol=atol, raise_exception=False)

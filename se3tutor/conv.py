@@ -17,7 +17,7 @@ With the defaults this reproduces e3nn's convolution guide exactly (same embeddi
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from e3nn import o3
@@ -41,13 +41,20 @@ class Convolution(torch.nn.Module):
         max_radius: cutoff radius of the graph and of the radial basis.
         num_neighbors: :math:`z`, the typical number of neighbours (normalisation constant).
         radial_hidden: width of the hidden layer of the radial MLP.
+        cutoff: embed the edge length on bumps that vanish smoothly at 0 and at
+            ``max_radius`` (book: Smoothness). The default ``False`` is the convolution guide's
+            choice: its outputs jump when a neighbour crosses the cutoff sphere.
+        radial_activation: activation of the radial MLP. The guide's ``relu`` has kinks, so
+            the derivative of the output with respect to the positions (a force) jumps where
+            a hidden unit changes sign; a smooth one (``torch.nn.functional.silu``) together
+            with ``cutoff=True`` gives a layer that is smooth to every order (book: Smoothness).
 
     Float64: build the module under ``torch.set_default_dtype(torch.float64)`` (or
     ``se3tutor.checks.default_dtype``); e3nn computes its Clebsch-Gordan constants in the
     default dtype, so ``.double()`` afterwards keeps float32-accurate constants.
 
     Submodules: ``tp`` (``FullyConnectedTensorProduct``, ``shared_weights=False``) and ``fc``
-    (``FullyConnectedNet([num_basis, radial_hidden, tp.weight_numel], relu)``).
+    (``FullyConnectedNet([num_basis, radial_hidden, tp.weight_numel], radial_activation)``).
 
     Shapes: ``f_in [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
     ``edge_index [2, num_edges]`` (default: ``radius_graph(pos, max_radius, batch)``),
@@ -68,6 +75,8 @@ class Convolution(torch.nn.Module):
         max_radius: float,
         num_neighbors: float,
         radial_hidden: int = 16,
+        cutoff: bool = False,
+        radial_activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
     ) -> None:
         super().__init__()
         if num_neighbors <= 0:
@@ -78,10 +87,11 @@ class Convolution(torch.nn.Module):
         self.num_basis = num_basis
         self.max_radius = max_radius
         self.num_neighbors = num_neighbors
+        self.cutoff = cutoff
         self.tp = o3.FullyConnectedTensorProduct(
             self.irreps_input, self.irreps_sh, self.irreps_output, shared_weights=False
         )
-        self.fc = radial_mlp(num_basis, radial_hidden, self.tp.weight_numel, torch.relu)
+        self.fc = radial_mlp(num_basis, radial_hidden, self.tp.weight_numel, radial_activation)
 
     def forward(
         self,
@@ -99,7 +109,7 @@ class Convolution(torch.nn.Module):
             self.irreps_sh, edge_vec, normalize=True, normalization="component"
         )
         edge_length_embedded = embed_edge_length(
-            edge_vec.norm(dim=1), self.max_radius, self.num_basis, cutoff=False
+            edge_vec.norm(dim=1), self.max_radius, self.num_basis, cutoff=self.cutoff
         )
         summand = self.tp(f_in[edge_src], edge_sh, self.fc(edge_length_embedded))
         # [num_edges, irreps_output.dim]
