@@ -50,11 +50,6 @@ class EquivariantAttention(torch.nn.Module):
         number_of_basis: number of radial basis functions.
         max_radius: cutoff radius of the graph, the basis and the smooth cutoff.
         radial_hidden: width of the hidden layer of the radial MLPs.
-        cutoff: the smooth design (default): the radial basis vanishes at 0 and at
-            ``max_radius`` and the softmax numerator carries the weight :math:`c(r)`.
-            ``False`` drops both (hard cutoff, :math:`c = 1`, the basis of the guide's first
-            version): the output jumps when a neighbour crosses the cutoff sphere
-            (book: Smoothness).
 
     Float64: build the module under ``torch.set_default_dtype(torch.float64)`` (or
     ``se3tutor.checks.default_dtype``); e3nn computes its Clebsch-Gordan constants in the
@@ -84,7 +79,6 @@ class EquivariantAttention(torch.nn.Module):
         number_of_basis: int,
         max_radius: float,
         radial_hidden: int = 16,
-        cutoff: bool = True,
     ) -> None:
         super().__init__()
         self.irreps_input = o3.Irreps(irreps_input)
@@ -94,7 +88,6 @@ class EquivariantAttention(torch.nn.Module):
         self.irreps_sh = o3.Irreps(irreps_sh)
         self.number_of_basis = number_of_basis
         self.max_radius = max_radius
-        self.cutoff = cutoff
         silu = torch.nn.functional.silu
 
         self.h_q = o3.Linear(self.irreps_input, self.irreps_query)
@@ -108,6 +101,18 @@ class EquivariantAttention(torch.nn.Module):
         self.fc_v = radial_mlp(number_of_basis, radial_hidden, self.tp_v.weight_numel, silu)
         self.dot = o3.FullyConnectedTensorProduct(self.irreps_query, self.irreps_key, "0e")
 
+    def embed_edge_length(self, edge_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The smooth design (book: Smoothness): the radial basis (``cutoff=True``) vanishes
+        at 0 and at ``max_radius`` with all its derivatives, and so do the radial MLPs (no
+        biases); the softmax weight :math:`c(r)` does too.
+
+        Shapes: ``[num_edges] -> ([num_edges, number_of_basis], [num_edges])``.
+        """
+        edge_length_embedded = embed_edge_length(
+            edge_length, self.max_radius, self.number_of_basis, cutoff=True
+        )
+        return edge_length_embedded, smooth_cutoff(edge_length, self.max_radius)
+
     def forward(
         self,
         f: torch.Tensor,
@@ -120,12 +125,7 @@ class EquivariantAttention(torch.nn.Module):
             edge_index = radius_graph(pos, self.max_radius, batch=batch)
         edge_src, edge_dst = edge_index
         edge_vec = edge_vectors(pos, edge_index)
-        edge_length = edge_vec.norm(dim=1)
-        edge_length_embedded = embed_edge_length(
-            edge_length, self.max_radius, self.number_of_basis, cutoff=self.cutoff
-        )
-        # [num_edges], or None: every edge inside the sphere counts fully
-        edge_weight_cutoff = smooth_cutoff(edge_length, self.max_radius) if self.cutoff else None
+        edge_length_embedded, edge_weight_cutoff = self.embed_edge_length(edge_vec.norm(dim=1))
         edge_sh = o3.spherical_harmonics(
             self.irreps_sh, edge_vec, normalize=True, normalization="component"
         )
