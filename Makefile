@@ -45,8 +45,9 @@ notebooks: $(VENV)/.installed
 
 bench-smoke: $(VENV)/.installed-pyg
 	$(BIN)/python bench/radius_graph.py --smoke
+	$(BIN)/python bench/peer.py --smoke
 
 test: lint unit notebooks bench-smoke book
 
 clean:
-	rm -rf _build $(VENV)
+	rm -rf _build $(VENV) .venv-peer

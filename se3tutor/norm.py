@@ -14,10 +14,18 @@ do exactly that.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from e3nn import nn, o3
 
-__all__ = ["EquivariantLayerNorm", "gated_nonlinearity", "second_moment_per_irrep"]
+__all__ = [
+    "EquivariantLayerNorm",
+    "gated_nonlinearity",
+    "pre_norm_bound",
+    "second_moment_deviation",
+    "second_moment_per_irrep",
+]
 
 
 def second_moment_per_irrep(f: torch.Tensor, irreps) -> dict[str, torch.Tensor]:
@@ -48,6 +56,54 @@ def second_moment_per_irrep(f: torch.Tensor, irreps) -> dict[str, torch.Tensor]:
     return {key: sums[key] / max(counts[key], 1) for key in sums}
 
 
+def second_moment_deviation(f: torch.Tensor, irreps=None) -> float:
+    r"""By what factor the second moment of ``f`` is away from 1, for its worst irrep type.
+
+    .. math:: \delta = \max_{ir} \max\left(m_{ir}, \frac{1}{m_{ir}}\right) \ \ge 1
+
+    with :math:`m_{ir}` from :func:`second_moment_per_irrep` (or, for ``irreps=None``, the mean
+    square of all entries of ``f``). :math:`\delta = 1` is perfect ``component`` normalisation;
+    "within a factor 3 of 1" reads ``second_moment_deviation(f, irreps) < 3``. A zero moment
+    gives ``inf``, a NaN anywhere gives ``nan`` (which fails every ``<`` check). A check, like
+    :func:`se3tutor.checks.equivariance_error`: it returns a Python float (a host sync).
+
+    Shapes: ``f [..., irreps.dim]`` (any shape for ``irreps=None``).
+
+    >>> second_moment_deviation(torch.full((4, 3), 2.0))
+    4.0
+    >>> second_moment_deviation(torch.full((4, 4), 0.5), "1x0e + 1x1o")
+    4.0
+    """
+    if irreps is None:
+        moments = f.detach().pow(2).mean().reshape(1)
+    else:
+        moments = torch.stack(list(second_moment_per_irrep(f.detach(), irreps).values()))
+    return float(torch.maximum(moments, 1 / moments).max())
+
+
+def pre_norm_bound(depth: int, max_increment: float, initial: float = 1.0) -> float:
+    r"""Largest second moment a pre-norm residual stream can reach after ``depth`` blocks.
+
+    .. math:: f_{k+1} = f_k + L_k(\mathrm{norm}(f_k)) \quad\Longrightarrow\quad
+              m_L \le \left(\sqrt{m_0} + L \sqrt{c}\right)^2
+
+    The layer only ever sees normalised features, so what it adds has a second moment
+    :math:`c_k` of order 1; if every :math:`c_k \le c` (= ``max_increment``), the triangle
+    inequality for the root mean square, :math:`\sqrt{m_{k+1}} \le \sqrt{m_k} + \sqrt{c_k}`,
+    gives the bound: the RMS grows at most linearly with depth (book: Normalization). Holds
+    per irrep type when :math:`m` and :math:`c` are taken per irrep type.
+
+    >>> pre_norm_bound(10, max_increment=4.0)
+    441.0
+    """
+    if depth < 0 or max_increment < 0 or initial < 0:
+        raise ValueError(
+            f"depth, max_increment and initial must be >= 0, got {depth}, {max_increment}, "
+            f"{initial}"
+        )
+    return (math.sqrt(initial) + depth * math.sqrt(max_increment)) ** 2
+
+
 class EquivariantLayerNorm(torch.nn.Module):
     r"""Layer norm for irreps: each block of ``mul`` irreps of degree :math:`l` of a node is
     divided by its root mean square, so its directions are kept and its second moment becomes 1.
@@ -61,6 +117,14 @@ class EquivariantLayerNorm(torch.nn.Module):
     unchanged. Scalars are not centred (as in RMSNorm): centring a single scalar channel would
     erase it.
 
+    ``scope="node"`` divides all irreps of a node by one root mean square, over all its
+    components, instead of each block by its own. The node's second moment becomes 1 and the
+    ratios between its degrees are kept. This is what the transformer uses: a block that only
+    messages feed (the vectors of an atom whose one neighbour is just entering the cutoff
+    sphere) is tiny, and dividing it by its own tiny norm blows it up to size 1 within a
+    sliver of distance, a near-jump in the output and a spike in its derivative (the force);
+    divided by the node's norm it stays tiny (book: Normalization, Smoothness).
+
     Shapes: ``f [..., irreps.dim] -> [..., irreps.dim]``.
 
     >>> norm = EquivariantLayerNorm("4x0e + 2x1o")
@@ -69,11 +133,16 @@ class EquivariantLayerNorm(torch.nn.Module):
     True
     """
 
-    def __init__(self, irreps, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(
+        self, irreps, eps: float = 1e-5, affine: bool = True, scope: str = "irrep"
+    ) -> None:
         super().__init__()
+        if scope not in ("irrep", "node"):
+            raise ValueError(f'scope must be "irrep" or "node", got {scope!r}')
         self.irreps = o3.Irreps(irreps)
         self.eps = eps
         self.affine = affine
+        self.scope = scope
         num_channels = self.irreps.num_irreps
         num_even_scalars = sum(mul for mul, ir in self.irreps if ir == o3.Irrep("0e"))
         if affine:
@@ -91,10 +160,15 @@ class EquivariantLayerNorm(torch.nn.Module):
             )
         blocks = []
         channel = even_scalar = 0
+        if self.scope == "node":
+            node_scale = torch.rsqrt(f.pow(2).mean(dim=-1, keepdim=True) + self.eps)[..., None]
         for (mul, ir), block in zip(self.irreps, self.irreps.slices()):
             x = f[..., block].reshape(*f.shape[:-1], mul, ir.dim)  # [..., mul, 2l+1]
-            mean_square = x.pow(2).mean(dim=(-2, -1), keepdim=True)
-            x = x * torch.rsqrt(mean_square + self.eps)
+            if self.scope == "node":
+                x = x * node_scale
+            else:
+                mean_square = x.pow(2).mean(dim=(-2, -1), keepdim=True)
+                x = x * torch.rsqrt(mean_square + self.eps)
             if self.affine:
                 x = x * self.weight[channel : channel + mul, None]
                 if ir == o3.Irrep("0e"):
@@ -105,7 +179,7 @@ class EquivariantLayerNorm(torch.nn.Module):
         return torch.cat(blocks, dim=-1) if blocks else f
 
     def extra_repr(self) -> str:
-        return f"{self.irreps}, eps={self.eps}, affine={self.affine}"
+        return f"{self.irreps}, eps={self.eps}, affine={self.affine}, scope={self.scope}"
 
 
 def gated_nonlinearity(irreps_out) -> nn.Gate:

@@ -1,0 +1,191 @@
+"""se3tutor against se3-transformer-pytorch 0.9.0 on the same work: forward plus backward.
+
+    python bench/peer.py                 # the issue's configuration, 2 threads
+    python bench/peer.py --smoke         # tiny sizes, one repeat (CI)
+
+The configuration is se3-transformer-pytorch's ``SE3Transformer(dim=32, heads=4, dim_head=16,
+depth=2, num_degrees=2, valid_radius=10, num_neighbors=16)`` on a batch of 2 x 64 random
+points, and se3tutor's model of the same sizes (32 channels per degree, split over both
+parities, as the drop-in front end does; 4 heads of 16 channels per degree; 16 nearest
+neighbours within radius 10). Each library runs in its own subprocess, so that the peak
+resident memory (``ru_maxrss``) of one does not count against the other; the peer runs in its
+own virtual environment (``.venv-peer``, made on first use from the package registry, with
+the same torch as ours). Printed: median time of forward plus backward, the ratio, the peak
+RSS of each process, and each model's invariance error of its type-0 output under a random
+rotation and translation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_VENV = ROOT / ".venv-peer"
+PEER_PACKAGE = "se3-transformer-pytorch==0.9.0"
+
+CONFIG = dict(
+    batch=2, nodes=64, dim=32, heads=4, dim_head=16, depth=2, num_degrees=2, radius=10.0,
+    neighbors=16,
+)  # fmt: skip
+SMOKE = dict(CONFIG, nodes=8, dim=8, dim_head=4, heads=2, depth=1, neighbors=4)
+
+
+def peer_python(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        import torch  # the peer gets the same torch as ours
+
+        print(f"making {venv} with {PEER_PACKAGE} (once)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", torch_pin, PEER_PACKAGE], check=True
+        )
+    return python
+
+
+def build_se3tutor(config):
+    import torch
+
+    from se3tutor.transformer import SE3Transformer, hidden_irreps
+
+    half = config["dim"] // 2  # channels per degree, split over the two parities
+    model = SE3Transformer(
+        f"{config['dim']}x0e",
+        hidden_irreps(half, config["num_degrees"] - 1, "SE3"),
+        f"{config['dim']}x0e",
+        max_radius=config["radius"],
+        num_layers=config["depth"],
+        num_heads=config["heads"],
+        irreps_head=hidden_irreps(config["dim_head"] // 2, config["num_degrees"] - 1, "SE3"),
+        max_num_neighbors=config["neighbors"],
+        attend_self=True,
+    )
+    batch = torch.arange(config["batch"]).repeat_interleave(config["nodes"])
+
+    def run(feats, coors):  # [b, n, d], [b, n, 3] -> [b, n, d]
+        b, n, d = feats.shape
+        out = model(feats.reshape(b * n, d), coors.reshape(b * n, 3), batch=batch)
+        return out.reshape(b, n, -1)
+
+    return model, run
+
+
+def build_peer(config):
+    import torch
+    from se3_transformer_pytorch import SE3Transformer
+
+    model = SE3Transformer(
+        dim=config["dim"],
+        heads=config["heads"],
+        dim_head=config["dim_head"],
+        depth=config["depth"],
+        num_degrees=config["num_degrees"],
+        valid_radius=config["radius"],
+        num_neighbors=config["neighbors"],
+        attend_self=True,
+    )
+    mask = torch.ones(config["batch"], config["nodes"], dtype=torch.bool)
+
+    def run(feats, coors):
+        return model(feats, coors, mask, return_type=0)
+
+    return model, run
+
+
+def worker(library: str, config: dict, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, run = (build_se3tutor if library == "se3tutor" else build_peer)(config)
+    feats = torch.randn(config["batch"], config["nodes"], config["dim"])
+    coors = torch.randn(config["batch"], config["nodes"], 3)
+
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up caches and allocators
+        start = time.perf_counter()
+        out = run(feats, coors)
+        out.sum().backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+
+    rotation = _random_rotation(torch)
+    with torch.no_grad():
+        shift = torch.randn(3)
+        invariance = (run(feats, coors @ rotation.T + shift) - run(feats, coors)).abs().max()
+    return dict(
+        library=library,
+        median_s=statistics.median(times[1:]),
+        times_s=times[1:],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_at_start_mb=rss_start / 1024,
+        parameters=sum(p.numel() for p in model.parameters()),
+        invariance_error=float(invariance),
+        torch=torch.__version__,
+    )
+
+
+def _random_rotation(torch):
+    q, r = torch.linalg.qr(torch.randn(3, 3))
+    q = q * torch.sign(torch.diagonal(r))
+    return q * torch.sign(torch.det(q))  # det +1
+
+
+def run_worker(python: Path, library: str, config: dict, repeats: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    command = [
+        str(python), __file__, "--worker", library, "--config", json.dumps(config),
+        "--repeats", str(repeats), "--threads", str(threads),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{library} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--peer-venv", type=Path, default=PEER_VENV, help="virtual environment of the peer"
+    )
+    parser.add_argument("--worker", choices=["se3tutor", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.config), args.repeats, args.threads)))
+        return
+
+    config, repeats = (SMOKE, 1) if args.smoke else (CONFIG, args.repeats)
+    print(f"configuration: {config}, {args.threads} threads, median of {repeats}", flush=True)
+    ours = run_worker(Path(sys.executable), "se3tutor", config, repeats, args.threads)
+    peer = run_worker(peer_python(args.peer_venv), "peer", config, repeats, args.threads)
+    print(
+        f"{'library':<32}{'fwd+bwd (s)':>12}{'peak RSS (MB)':>15}{'params':>10}{'inv. error':>12}"
+    )
+    for result, name in ((ours, "se3tutor"), (peer, PEER_PACKAGE)):
+        print(
+            f"{name:<32}{result['median_s']:>12.4f}{result['peak_rss_mb']:>15.0f}"
+            f"{result['parameters']:>10}{result['invariance_error']:>12.1e}"
+        )
+    print(
+        f"se3tutor is {peer['median_s'] / ours['median_s']:.1f}x faster and uses "
+        f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x the peak memory"
+    )
+
+
+if __name__ == "__main__":
+    main()
