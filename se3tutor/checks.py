@@ -16,6 +16,8 @@ crosses another node's cutoff sphere (book: Smoothness). :func:`response_along_l
 both along a line, :func:`largest_jumps` measures the largest change between neighbouring
 steps (it shrinks with the step for a smooth layer, and does not for a hard cutoff), and
 :func:`gradients_match_finite_differences` compares autograd with finite differences.
+:func:`derivatives` differentiates a function of the edge length (a radial basis, a cutoff)
+several times, to see which of them vanish at the cutoff together with their derivatives.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from e3nn import o3
 
 __all__ = [
     "default_dtype",
+    "derivatives",
     "equivariance_error",
     "gradients_are_finite",
     "gradients_match_finite_differences",
@@ -232,3 +235,44 @@ def gradients_match_finite_differences(
         )
     inputs = (f.detach().requires_grad_(True), pos.detach().requires_grad_(True))
     return torch.autograd.gradcheck(layer, inputs, eps=eps, atol=atol, raise_exception=False)
+
+
+def derivatives(
+    function: Callable[[torch.Tensor], torch.Tensor], r: torch.Tensor, order: int = 2
+) -> torch.Tensor:
+    r"""The values and the first ``order`` derivatives, by autograd, of a function that acts on
+    each entry of ``r`` separately (a radial basis, a cutoff, a radial MLP of the embedding):
+
+    .. math:: D_{k, n, b} = \frac{d^k y_b}{d r^k}(r_n), \qquad k = 0, \dots, \text{order}.
+
+    Autograd differentiates the branch that the code takes: at a kink (where a mask such as
+    ``(x < 1)`` switches) it reports one side only, so evaluate a one-sided limit just beside
+    the kink rather than on it (book: Smoothness).
+
+    Shapes: ``r [N]``, ``function(r) [N]`` or ``[N, B]`` -> ``[order + 1, N]`` or
+    ``[order + 1, N, B]``.
+
+    >>> derivatives(lambda r: r**3, torch.tensor([1.0, 2.0]), order=3)
+    tensor([[ 1.,  8.],
+            [ 3., 12.],
+            [ 6., 12.],
+            [ 6.,  6.]])
+    """
+    if r.dim() != 1:
+        raise ValueError(f"r must be [N], got {tuple(r.shape)}")
+    r = r.detach().requires_grad_(True)
+    y = function(r)
+    if y.shape[:1] != r.shape or y.dim() > 2:
+        raise ValueError(f"function(r) must be [N] or [N, B] for r [N], got {tuple(y.shape)}")
+    columns = []
+    for column in y.reshape(len(r), -1).unbind(dim=1):  # y_b depends on r_n only: one pass each
+        orders = [column]
+        for _ in range(order):
+            previous = orders[-1]
+            if not previous.requires_grad:  # constant in r (e.g. masked to 0): derivative 0
+                orders.append(torch.zeros_like(previous))
+                continue
+            (grad,) = torch.autograd.grad(previous.sum(), r, create_graph=True, allow_unused=True)
+            orders.append(torch.zeros_like(previous) if grad is None else grad)
+        columns.append(torch.stack(orders))
+    return torch.stack(columns, dim=-1).reshape(order + 1, *y.shape).detach()

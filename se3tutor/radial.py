@@ -8,8 +8,9 @@ The tensor-product weights of an edge depend on its length :math:`r = \|x_{ij}\|
 where ``basis`` maps :math:`r` onto :math:`B` smooth bumps on :math:`[0, r_{max}]`
 (``e3nn.math.soft_one_hot_linspace``) and :math:`\sqrt{B}` gives the embedding a second moment
 close to 1 (about one bump is "on" at a time, each of height about :math:`1/\sqrt{B}` in the
-mean square). The MLP is ``e3nn.nn.FullyConnectedNet``, which has no biases: an all-zero
-embedding (an edge at or beyond the cutoff, for the ``cutoff=True`` basis) gives zero weights.
+mean square). The MLP is ``e3nn.nn.FullyConnectedNet``, which has no biases: with an
+activation that maps 0 to 0 (SiLU, ReLU, tanh; not sigmoid), an all-zero embedding (an edge at
+or beyond the cutoff, for the ``cutoff=True`` basis) gives zero weights (book: Smoothness).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def radial_mlp(
 ) -> nn.FullyConnectedNet:
     """The MLP :math:`h` from the embedded length to ``weight_numel`` tensor-product weights:
     ``FullyConnectedNet([number_of_basis, radial_hidden, weight_numel], act)``, bias-free and
-    initialised so that its outputs have second moment ~1 (book: Normalization).
+    initialised so that its outputs have second moment ~1 (book: Normalization). It maps 0 to
+    0, as the smooth cutoff needs, when ``act(0) == 0`` (book: Smoothness).
     """
     return nn.FullyConnectedNet([number_of_basis, radial_hidden, weight_numel], act)
