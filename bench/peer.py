@@ -3,16 +3,14 @@
     python bench/peer.py                 # the issue's configuration, 2 threads
     python bench/peer.py --smoke         # tiny sizes, one repeat (CI)
 
-The configuration is se3-transformer-pytorch's ``SE3Transformer(dim=32, heads=4, dim_head=16,
-depth=2, num_degrees=2, valid_radius=10, num_neighbors=16)`` on a batch of 2 x 64 random
-points, and se3tutor's model of the same sizes (32 channels per degree, split over both
-parities, as the drop-in front end does; 4 heads of 16 channels per degree; 16 nearest
-neighbours within radius 10). Each library runs in its own subprocess, so that the peak
-resident memory (``ru_maxrss``) of one does not count against the other; the peer runs in its
-own virtual environment (``.venv-peer``, made on first use from the package registry, with
-the same torch as ours). Printed: median time of forward plus backward, the ratio, the peak
-RSS of each process, and each model's invariance error of its type-0 output under a random
-rotation and translation.
+Both libraries get the same call, ``SE3Transformer(dim=32, heads=4, dim_head=16, depth=2,
+num_degrees=2, valid_radius=10, num_neighbors=16)`` (se3tutor's through its drop-in front end
+``se3tutor.dense``), on a batch of 2 x 64 random points. Each library runs in its own
+subprocess, so that the peak resident memory (``ru_maxrss``) of one does not count against the
+other; the peer runs in its own virtual environment (``.venv-peer``, made on first use from
+the package registry, with the same torch as ours). Printed: median time of forward plus
+backward, the ratio, the peak RSS of each process, and each model's invariance error of its
+type-0 output under a random rotation and translation.
 """
 
 from __future__ import annotations
@@ -55,35 +53,21 @@ def peer_python(venv: Path) -> Path:
 def build_se3tutor(config):
     import torch
 
-    from se3tutor.transformer import SE3Transformer, hidden_irreps
+    from se3tutor.dense import SE3Transformer
 
-    half = config["dim"] // 2  # channels per degree, split over the two parities
-    model = SE3Transformer(
-        f"{config['dim']}x0e",
-        hidden_irreps(half, config["num_degrees"] - 1, "SE3"),
-        f"{config['dim']}x0e",
-        max_radius=config["radius"],
-        num_layers=config["depth"],
-        num_heads=config["heads"],
-        irreps_head=hidden_irreps(config["dim_head"] // 2, config["num_degrees"] - 1, "SE3"),
-        max_num_neighbors=config["neighbors"],
-        attend_self=True,
-    )
-    batch = torch.arange(config["batch"]).repeat_interleave(config["nodes"])
-
-    def run(feats, coors):  # [b, n, d], [b, n, 3] -> [b, n, d]
-        b, n, d = feats.shape
-        out = model(feats.reshape(b * n, d), coors.reshape(b * n, 3), batch=batch)
-        return out.reshape(b, n, -1)
-
-    return model, run
+    return _build(SE3Transformer, torch, config)
 
 
 def build_peer(config):
     import torch
     from se3_transformer_pytorch import SE3Transformer
 
-    model = SE3Transformer(
+    return _build(SE3Transformer, torch, config)
+
+
+def _build(model_class, torch, config):
+    """The same constructor call and forward call for both libraries."""
+    model = model_class(
         dim=config["dim"],
         heads=config["heads"],
         dim_head=config["dim_head"],
@@ -91,7 +75,6 @@ def build_peer(config):
         num_degrees=config["num_degrees"],
         valid_radius=config["radius"],
         num_neighbors=config["neighbors"],
-        attend_self=True,
     )
     mask = torch.ones(config["batch"], config["nodes"], dtype=torch.bool)
 

@@ -1,0 +1,416 @@
+r"""The interface of se3-transformer-pytorch 0.9.0 on top of :class:`se3tutor.SE3Transformer`
+(book: The SE(3)-Transformer).
+
+::
+
+    from se3tutor.dense import SE3Transformer   # instead of: from se3_transformer_pytorch ...
+
+    model = SE3Transformer(dim=64, heads=8, depth=2, dim_head=16, num_degrees=2,
+                           valid_radius=10, num_neighbors=16)
+    out = model(feats, coors, mask)              # [b, n, 64] from [b, n, 64], [b, n, 3], [b, n]
+
+The front end turns the dense batch ``[b, n, ...]`` and its ``mask`` into one flat graph
+(PyTorch Geometric convention), chooses each node's neighbours as that library does, turns
+distances, edge tokens, continuous edge features and adjacency degrees into invariant edge
+features, runs the graph-level model, and returns the degrees it asks for in its shapes:
+degree 0 as ``[b, n, d]``, degree ``l > 0`` as ``[b, n, d, 2l + 1]`` (``reduce_dim_out``
+drops the ``d`` axis). Type-1 features are vectors in ``(x, y, z)`` order.
+
+Symmetry: features of that library have a degree but no parity; it is equivariant to
+rotations only (SE(3)). Each hidden degree here has half its channels with each parity, so
+that every path of its basis has a place (``1 x 1 -> 1``, the cross product, needs the odd
+parity product); an output degree is the sum of its two parities. Exactly equivariant to
+rotations and translations, and as expressive as that library.
+
+Where the behaviour differs on purpose:
+
+- the radius shrinks the work: neighbours come from a cell-list radius graph, not from an
+  all-pairs distance matrix that is masked afterwards;
+- ``differentiable_coors`` is accepted and has no effect: gradients always reach the
+  coordinates (in 0.9.0 the flag is inverted and ``True`` turns them off);
+- ``max_sparse_neighbors`` keeps the *nearest* adjacent nodes (0.9.0 samples them at random);
+- masked nodes (``mask == False``) are left out of the graph; their outputs are zero;
+- no Clebsch-Gordan basis cache: e3nn computes its constants when a module is built, so the
+  environment variables ``CLEAR_CACHE`` and ``CACHE_PATH`` of that library are not needed and
+  are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from e3nn import o3
+
+from se3tutor.graph import _keep_nearest, radius_graph
+from se3tutor.norm import EquivariantLayerNorm
+from se3tutor.transformer import SE3Transformer as GraphSE3Transformer
+
+__all__ = ["SE3Transformer", "fourier_encode"]
+
+# Keywords of 0.9.0 that this front end does not implement yet; passing a non-default value
+# raises instead of silently computing something else.
+_NOT_YET = {
+    "reversible": False,
+    "use_null_kv": False,
+    "num_conv_layers": 0,
+    "global_feats_dim": None,
+    "linear_proj_keys": False,
+    "one_headed_key_values": False,
+    "tie_key_values": False,
+    "rotary_position": False,
+    "rotary_rel_dist": False,
+    "norm_gated_scale": False,
+    "use_egnn": False,
+    "egnn_feedforward": False,
+    "egnn_weights_clamp_value": None,
+}
+
+
+def fourier_encode(
+    x: torch.Tensor, num_encodings: int = 4, include_self: bool = True, flatten: bool = True
+) -> torch.Tensor:
+    r"""Sines and cosines of ``x`` at ``num_encodings`` scales, and ``x`` itself:
+    :math:`[\sin(x / 2^k)]_k, [\cos(x / 2^k)]_k, x` along a new last axis (se3-transformer-
+    pytorch's helper of the same name, for continuous edge values).
+
+    Shapes: ``[b, n, n, ...] -> [b, n, n, (...) * (2 * num_encodings + 1)]`` with
+    ``flatten`` (the axes after the third merged), else ``[..., 2 * num_encodings + 1]``.
+
+    >>> fourier_encode(torch.zeros(1, 4, 4, 2), num_encodings=8).shape
+    torch.Size([1, 4, 4, 34])
+    """
+    x = x.unsqueeze(-1)
+    scales = 2 ** torch.arange(num_encodings, device=x.device, dtype=x.dtype)
+    encoded = torch.cat([(x / scales).sin(), (x / scales).cos()], dim=-1)
+    if include_self:
+        encoded = torch.cat([encoded, x], dim=-1)
+    return encoded.flatten(start_dim=3) if flatten else encoded
+
+
+def _irreps_of_degrees(channels: dict[int, int], both_parities: bool) -> o3.Irreps:
+    """``{degree: channels}`` -> irreps: natural parity, or the channels split over both."""
+    irreps = []
+    for l, mul in sorted(channels.items()):
+        natural = (l, (-1) ** l)
+        if not both_parities:
+            irreps.append((mul, natural))
+            continue
+        irreps += [(m, ir) for m, ir in [((mul + 1) // 2, natural), (mul // 2, (l, -natural[1]))]]
+    return o3.Irreps([(mul, ir) for mul, ir in irreps if mul > 0])
+
+
+class SE3Transformer(torch.nn.Module):
+    """se3-transformer-pytorch 0.9.0's ``SE3Transformer``, computed by se3tutor's graph-level
+    model (see the module docstring for what maps to what and what differs).
+
+    Every constructor keyword of 0.9.0 is accepted. Implemented: ``dim, heads, dim_head,
+    depth, input_degrees, num_degrees, output_degrees, hidden_fiber_dict, out_fiber_dict,
+    dim_in, dim_out, valid_radius, num_neighbors, attend_self, num_tokens, num_positions,
+    num_edge_tokens, edge_dim, fourier_encode_dist, rel_dist_num_fourier_features,
+    attend_sparse_neighbors, max_sparse_neighbors, num_adj_degrees, adj_dim, causal,
+    reduce_dim_out, norm_out, differentiable_coors, splits`` (a memory knob; no effect yet).
+    The others raise ``NotImplementedError`` when given a non-default value.
+
+    >>> model = SE3Transformer(dim=8, heads=2, dim_head=4, depth=1, num_degrees=2,
+    ...                        valid_radius=10)
+    >>> feats, coors = torch.randn(1, 12, 8), torch.randn(1, 12, 3)
+    >>> model(feats, coors, torch.ones(1, 12, dtype=torch.bool)).shape
+    torch.Size([1, 12, 8])
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 24,
+        depth: int = 2,
+        input_degrees: int = 1,
+        num_degrees: Optional[int] = None,
+        output_degrees: Optional[int] = 1,
+        valid_radius: float = 1e5,
+        reduce_dim_out: bool = False,
+        num_tokens: Optional[int] = None,
+        num_positions: Optional[int] = None,
+        num_edge_tokens: Optional[int] = None,
+        edge_dim: Optional[int] = None,
+        attend_self: bool = True,
+        differentiable_coors: bool = False,
+        fourier_encode_dist: bool = False,
+        rel_dist_num_fourier_features: int = 4,
+        num_neighbors: float = float("inf"),
+        attend_sparse_neighbors: bool = False,
+        num_adj_degrees: Optional[int] = None,
+        adj_dim: int = 0,
+        max_sparse_neighbors: float = float("inf"),
+        dim_in: Union[int, tuple, None] = None,
+        dim_out: Optional[int] = None,
+        norm_out: bool = False,
+        causal: bool = False,
+        splits: int = 4,
+        egnn_hidden_dim: int = 32,
+        hidden_fiber_dict: Optional[dict] = None,
+        out_fiber_dict: Optional[dict] = None,
+        **not_yet,
+    ) -> None:
+        super().__init__()
+        for name, value in not_yet.items():
+            if name not in _NOT_YET:
+                raise TypeError(f"SE3Transformer got an unexpected keyword argument {name!r}")
+            if value != _NOT_YET[name]:
+                raise NotImplementedError(
+                    f"{name}={value!r} is not implemented by se3tutor.dense yet (only the "
+                    f"default {_NOT_YET[name]!r} is)"
+                )
+        if num_degrees is None and hidden_fiber_dict is None:
+            raise ValueError("either num_degrees or hidden_fiber_dict must be given")
+        if num_edge_tokens is not None and edge_dim is None:
+            raise ValueError("edge tokens (num_edge_tokens) need edge_dim, their embedding size")
+        if num_adj_degrees is not None and num_adj_degrees < 1:
+            raise ValueError(f"num_adj_degrees must be >= 1, got {num_adj_degrees}")
+        if causal and not attend_self:
+            raise ValueError("causal needs attend_self=True (the first node has only itself)")
+        if not attend_sparse_neighbors and not num_neighbors > 0:
+            raise ValueError("num_neighbors must be > 0 unless attend_sparse_neighbors is set")
+
+        dims_in = dim_in if isinstance(dim_in, tuple) else (dim_in or dim,) * input_degrees
+        self.dims_in = dims_in
+        self.dim = dim
+        hidden = hidden_fiber_dict or {l: dim for l in range(num_degrees)}
+        self.num_degrees = max(hidden) + 1
+        if out_fiber_dict is not None:
+            outputs = dict(out_fiber_dict)
+        elif output_degrees is not None:
+            outputs = {l: dim_out or dim for l in range(output_degrees)}
+        else:
+            outputs = dict(hidden)
+        if reduce_dim_out:
+            outputs = {l: 1 for l in outputs}
+        self.output_channels = outputs
+        self.output_degrees = max(outputs) + 1
+        self.reduce_dim_out = reduce_dim_out
+
+        self.valid_radius = valid_radius
+        self.num_neighbors = num_neighbors
+        self.attend_sparse_neighbors = attend_sparse_neighbors
+        self.max_sparse_neighbors = max_sparse_neighbors
+        self.num_adj_degrees = num_adj_degrees
+        self.causal = causal
+        self.differentiable_coors = differentiable_coors
+        self.splits = splits
+        self.fourier_encode_dist = fourier_encode_dist
+        self.rel_dist_num_fourier_features = rel_dist_num_fourier_features
+
+        self.token_emb = torch.nn.Embedding(num_tokens, dim) if num_tokens else None
+        self.pos_emb = torch.nn.Embedding(num_positions, dim) if num_positions else None
+        self.num_positions = num_positions
+        self.edge_emb = torch.nn.Embedding(num_edge_tokens, edge_dim) if num_edge_tokens else None
+        self.edge_dim = edge_dim or 0
+        use_adj = num_adj_degrees is not None and adj_dim > 0
+        self.adj_emb = torch.nn.Embedding(num_adj_degrees + 1, adj_dim) if use_adj else None
+        distance_dim = 2 * rel_dist_num_fourier_features + 1 if fourier_encode_dist else 1
+        edge_attr_dim = distance_dim + self.edge_dim + (adj_dim if use_adj else 0)
+
+        self.irreps_in = _irreps_of_degrees(dict(enumerate(dims_in)), both_parities=False)
+        # Each output degree twice, natural parity first, then the other: their sum is the
+        # SE(3) output of that degree.
+        self.irreps_degrees = _irreps_of_degrees(outputs, both_parities=False)
+        self.irreps_out = self.irreps_degrees + o3.Irreps(
+            [(mul, (ir.l, -ir.p)) for mul, ir in self.irreps_degrees]
+        )
+        self.net = GraphSE3Transformer(
+            self.irreps_in,
+            _irreps_of_degrees(hidden, both_parities=True),
+            self.irreps_out,
+            max_radius=valid_radius,
+            num_layers=depth,
+            num_heads=heads,
+            irreps_head=_irreps_of_degrees(
+                {l: dim_head for l in range(self.num_degrees)}, both_parities=True
+            ),
+            edge_attr_dim=edge_attr_dim,
+            attend_self=attend_self,
+        )
+        self.norm = EquivariantLayerNorm(self.irreps_degrees, scope="node") if norm_out else None
+
+    def forward(
+        self,
+        feats,
+        coors: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        adj_mat: Optional[torch.Tensor] = None,
+        edges: Optional[torch.Tensor] = None,
+        return_type: Optional[int] = None,
+        return_pooled: bool = False,
+        neighbor_mask: Optional[torch.Tensor] = None,
+        global_feats=None,
+    ):
+        """``feats``: ``[b, n, dim]`` type-0 features, ``[b, n]`` token ids (``num_tokens``),
+        or ``{"0": [b, n, d, 1], "1": [b, n, d, 3], ...}``; ``coors [b, n, 3]``;
+        ``mask [b, n]`` (``True`` = a real node); ``adj_mat [b, n, n]`` or ``[n, n]``;
+        ``edges [b, n, n]`` tokens or ``[b, n, n, edge_dim]``; ``neighbor_mask [b, n, n]``
+        (``False`` = may not attend). Pair tensors are indexed ``[b, i, j]``: node ``i``
+        attends to node ``j``.
+
+        Returns the degree ``return_type`` (always 0 when ``output_degrees == 1``), or a dict
+        of all output degrees: ``[b, n, d]`` for degree 0 and ``[b, n, d, 2l + 1]`` for
+        ``l > 0``, without the ``d`` axis for ``reduce_dim_out``, and without the ``n`` axis
+        (a masked mean over nodes) for ``return_pooled``.
+        """
+        if global_feats is not None:
+            raise ValueError("global_feats given, but global_feats_dim was not set at init")
+        if self.output_degrees == 1:
+            return_type = 0
+        if not isinstance(coors, torch.Tensor) or coors.dim() != 3 or coors.shape[-1] != 3:
+            raise ValueError(f"coors must be [b, n, 3], got {getattr(coors, 'shape', coors)}")
+        b, n, _ = coors.shape
+        f = self._node_features(feats, b, n)
+        mask = torch.ones(b, n, dtype=torch.bool, device=coors.device) if mask is None else mask
+        if mask.shape != (b, n):
+            raise ValueError(f"mask must be [b, n] = [{b}, {n}], got {tuple(mask.shape)}")
+
+        pos = coors.reshape(b * n, 3)
+        batch = torch.arange(b, device=pos.device).repeat_interleave(n)
+        adjacency = self._adjacency(adj_mat, b, n, pos.device)
+        if neighbor_mask is not None and neighbor_mask.shape != (b, n, n):
+            raise ValueError(f"neighbor_mask must be [b, n, n], got {tuple(neighbor_mask.shape)}")
+        edge_index, graph, i, j = self._neighbours(
+            pos, batch, mask.reshape(-1), adjacency, neighbor_mask, n
+        )
+        edge_attr = self._edge_features(pos, edge_index, graph, i, j, edges, adjacency)
+
+        out = self.net(f, pos, batch=batch, edge_index=edge_index, edge_attr=edge_attr)
+        # Each degree's two parities added: [b * n, irreps_degrees.dim]
+        natural, other = out.split(self.irreps_degrees.dim, dim=1)
+        out = natural + other
+        if self.norm is not None:
+            out = self.norm(out)
+        out = out * mask.reshape(-1, 1)  # masked nodes are not part of the graph
+        result = self._degrees(out.reshape(b, n, -1))
+        if return_pooled:
+            weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            result = {
+                key: torch.einsum("bn,bn...->b...", weights.to(value.dtype), value)
+                for key, value in result.items()
+            }
+        return result[str(return_type)] if return_type is not None else result
+
+    def _node_features(self, feats, b: int, n: int) -> torch.Tensor:
+        """``[b * n, irreps_in.dim]`` in e3nn's layout (channel-major within each degree)."""
+        if self.token_emb is not None:
+            if not isinstance(feats, torch.Tensor) or feats.dtype not in (torch.int32, torch.int64):
+                raise TypeError("with num_tokens, feats must be integer token ids of shape [b, n]")
+            feats = self.token_emb(feats)
+        if self.pos_emb is not None:
+            if n > self.num_positions:
+                raise ValueError(f"{n} nodes, but num_positions={self.num_positions}")
+            feats = feats + self.pos_emb(torch.arange(n, device=feats.device))
+        if isinstance(feats, torch.Tensor):
+            feats = {"0": feats[..., None]}
+        expected = {str(l) for l in range(len(self.dims_in))}
+        if set(feats) != expected:
+            raise ValueError(f"feats must have the degrees {sorted(expected)}, got {sorted(feats)}")
+        blocks = []
+        for l, d in enumerate(self.dims_in):
+            value = feats[str(l)]
+            if value.shape != (b, n, d, 2 * l + 1):
+                raise ValueError(
+                    f"degree {l} features must be [b, n, {d}, {2 * l + 1}] = "
+                    f"{[b, n, d, 2 * l + 1]}, got {list(value.shape)}"
+                )
+            blocks.append(value.reshape(b * n, d * (2 * l + 1)))
+        return torch.cat(blocks, dim=1)
+
+    def _adjacency(self, adj_mat, b: int, n: int, device) -> Optional[torch.Tensor]:
+        """``[b, n, n]`` long: 0 for no bond, else the number of bonds to the nearest path
+        (up to ``num_adj_degrees``); ``None`` without ``adj_mat``."""
+        if adj_mat is None:
+            if self.attend_sparse_neighbors or self.num_adj_degrees is not None:
+                raise ValueError("attend_sparse_neighbors / num_adj_degrees need adj_mat")
+            return None
+        if adj_mat.dim() == 2:
+            adj_mat = adj_mat.expand(b, n, n)
+        if adj_mat.shape != (b, n, n):
+            raise ValueError(f"adj_mat must be [b, n, n] or [n, n], got {tuple(adj_mat.shape)}")
+        bonded = adj_mat.bool().to(device)
+        degree = bonded.long()
+        reached = bonded
+        for hops in range(2, (self.num_adj_degrees or 1) + 1):
+            reached_next = (reached.float() @ bonded.float() > 0) | reached
+            degree = degree.masked_fill(reached_next & ~reached, hops)
+            reached = reached_next
+        return degree.masked_fill(torch.eye(n, dtype=torch.bool, device=device), 0)
+
+    def _neighbours(self, pos, batch, valid, adjacency, neighbor_mask, n: int):
+        """``edge_index`` (``j -> i``) and, per edge, the graph and local indices ``i, j``.
+
+        Adjacent nodes first (all, or the ``max_sparse_neighbors`` nearest), then the
+        ``num_neighbors`` nearest others within ``valid_radius``; masked nodes, pairs masked
+        by ``neighbor_mask`` (distance neighbours only) and, for ``causal``, later nodes are
+        left out before the nearest are chosen.
+        """
+        num_nodes = pos.shape[0]
+        local = torch.arange(n, device=pos.device).repeat(num_nodes // max(n, 1))
+        pieces = []
+        if self.attend_sparse_neighbors:
+            graph, i, j = adjacency.nonzero(as_tuple=True)
+            sparse = torch.stack([graph * n + j, graph * n + i])
+            sparse = sparse[:, self._allowed(sparse, valid, local)]
+            if math.isfinite(self.max_sparse_neighbors):
+                sparse = _keep_nearest(sparse, pos, int(self.max_sparse_neighbors), num_nodes)
+            pieces.append(sparse)
+        if self.num_neighbors > 0:
+            near = radius_graph(pos, self.valid_radius, batch=batch)
+            keep = self._allowed(near, valid, local)
+            if neighbor_mask is not None:
+                keep &= neighbor_mask[batch[near[1]], local[near[1]], local[near[0]]].bool()
+            if adjacency is not None and self.attend_sparse_neighbors:
+                keep &= adjacency[batch[near[1]], local[near[1]], local[near[0]]] == 0
+            near = near[:, keep]
+            if math.isfinite(self.num_neighbors):
+                near = _keep_nearest(near, pos, int(self.num_neighbors), num_nodes)
+            pieces.append(near)
+        edge_index = torch.cat(pieces, dim=1)
+        return edge_index, batch[edge_index[1]], local[edge_index[1]], local[edge_index[0]]
+
+    def _allowed(self, edge_index, valid, local) -> torch.Tensor:
+        src, dst = edge_index
+        allowed = valid[src] & valid[dst]
+        return allowed & (local[src] < local[dst]) if self.causal else allowed
+
+    def _edge_features(self, pos, edge_index, graph, i, j, edges, adjacency) -> torch.Tensor:
+        """Invariant edge features: the distance (raw, or Fourier-encoded), the edge's token
+        embedding or continuous values, and the embedding of its adjacency degree."""
+        distance = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1, keepdim=True)
+        if self.fourier_encode_dist:
+            distance = fourier_encode(distance, self.rel_dist_num_fourier_features, flatten=False)
+            distance = distance.reshape(len(graph), -1)
+        parts = [distance]
+        if self.edge_dim:
+            if edges is None:
+                raise ValueError("the model was built with edge_dim: pass edges")
+            if self.edge_emb is not None:
+                parts.append(self.edge_emb(edges[graph, i, j]))
+            else:
+                if edges.shape[-1] != self.edge_dim:
+                    raise ValueError(f"edges must be [b, n, n, {self.edge_dim}]")
+                parts.append(edges[graph, i, j].to(pos.dtype))
+        elif edges is not None:
+            raise ValueError("edges given, but the model was built without edge_dim")
+        if self.adj_emb is not None:
+            parts.append(self.adj_emb(adjacency[graph, i, j]))
+        return torch.cat(parts, dim=1)
+
+    def _degrees(self, out: torch.Tensor) -> dict:
+        """Split ``[b, n, irreps_degrees.dim]`` into ``{"l": [b, n, d, 2l + 1]}`` (degree 0
+        and ``reduce_dim_out`` squeezed as in 0.9.0)."""
+        b, n, _ = out.shape
+        result = {}
+        for (mul, ir), block in zip(self.irreps_degrees, self.irreps_degrees.slices()):
+            value = out[..., block].reshape(b, n, mul, ir.dim)
+            if self.reduce_dim_out:
+                value = value.squeeze(2)
+            result[str(ir.l)] = value.squeeze(-1) if ir.l == 0 else value
+        return result
