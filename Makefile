@@ -45,6 +45,7 @@ notebooks: $(VENV)/.installed
 
 bench-smoke: $(VENV)/.installed-pyg
 	$(BIN)/python bench/radius_graph.py --smoke
+	$(BIN)/python bench/transformer.py --smoke
 	$(BIN)/python bench/peer.py --smoke
 
 test: lint unit notebooks bench-smoke book
