@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
-import resource
 import subprocess
 import sys
-import time
+
+from measure import best_time_and_peak, uniform_points
 
 
 def run_case(num_points: int, backend: str, neighbors: float, device: str, repeats: int) -> dict:
@@ -28,29 +27,16 @@ def run_case(num_points: int, backend: str, neighbors: float, device: str, repea
     from se3tutor import radius_graph
 
     torch.manual_seed(0)
-    # Uniform density n / L^3 with (4/3) pi r^3 * density = neighbors at r = 1.
-    side = (num_points * 4 / 3 * math.pi / neighbors) ** (1 / 3)
-    pos = torch.rand(num_points, 3, device=device) * side
+    pos = uniform_points(num_points, neighbors, device)
     radius_graph(pos[:1000], 1.0, backend=backend)  # warm up (imports, kernels)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        edge_index = radius_graph(pos, 1.0, backend=backend)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux; the growth is what this call needed beyond the input
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    seconds, peak_mb = best_time_and_peak(
+        lambda: radius_graph(pos, 1.0, backend=backend), repeats, device
+    )
+    edge_index = radius_graph(pos, 1.0, backend=backend)
     return {
         "points": num_points,
         "backend": backend,
-        "seconds": min(times),
+        "seconds": seconds,
         "peak_mb": peak_mb,
         "edges": edge_index.shape[1],
         "degree": edge_index.shape[1] / num_points,

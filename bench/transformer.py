@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
-import time
+
+from measure import best_time_and_peak, uniform_points
 
 
 def run_case(num_points: int, neighbors: float, device: str, repeats: int, threads: int) -> dict:
@@ -36,8 +36,7 @@ def run_case(num_points: int, neighbors: float, device: str, repeats: int, threa
         "8x0e", hidden_irreps(8, 1, "SE3"), "1x0e + 1x1o", max_radius=1.0, num_layers=2,
         num_heads=2,
     ).to(device)  # fmt: skip
-    side = (num_points * 4 / 3 * math.pi / neighbors) ** (1 / 3)
-    pos = torch.rand(num_points, 3, device=device) * side
+    pos = uniform_points(num_points, neighbors, device)
     f = torch.randn(num_points, 8, device=device)
     edge_index = radius_graph(pos, 1.0)
 
@@ -45,25 +44,11 @@ def run_case(num_points: int, neighbors: float, device: str, repeats: int, threa
         model(f, pos, edge_index=edge_index).pow(2).mean().backward()
 
     step()  # warm up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    seconds, peak_mb = best_time_and_peak(step, repeats, device)
     return {
         "points": num_points,
         "edges": edge_index.shape[1],
-        "seconds": min(times),
+        "seconds": seconds,
         "peak_mb": peak_mb,
     }
 
