@@ -125,6 +125,9 @@ class EquivariantLayerNorm(torch.nn.Module):
     sliver of distance, a near-jump in the output and a spike in its derivative (the force);
     divided by the node's norm it stays tiny (book: Normalization, Smoothness).
 
+    ``eps`` is absolute: a block (or node) whose mean square is far below ``eps`` stays small
+    instead of being scaled up to 1, which is what keeps the layer smooth near zero.
+
     Shapes: ``f [..., irreps.dim] -> [..., irreps.dim]``.
 
     >>> norm = EquivariantLayerNorm("4x0e + 2x1o")
@@ -202,6 +205,11 @@ def gated_nonlinearity(irreps_out) -> nn.Gate:
     irreps_gated = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l > 0])
     if irreps_out.dim == 0:
         raise ValueError("gated_nonlinearity: irreps_out is empty")
+    if irreps_scalars + irreps_gated != irreps_out:  # e3nn's Gate puts the scalars first
+        raise ValueError(
+            f"gated_nonlinearity: irreps_out must list its scalars first, got {irreps_out} "
+            f"(use {(irreps_scalars + irreps_gated).simplify()})"
+        )
     activations = {1: torch.nn.functional.silu, -1: torch.tanh}
     irreps_gates = o3.Irreps(f"{irreps_gated.num_irreps}x0e") if irreps_gated else o3.Irreps("")
     return nn.Gate(
