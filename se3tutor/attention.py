@@ -30,7 +30,7 @@ from se3tutor.graph import (
     scatter,
     segment_softmax,
 )
-from se3tutor.radial import embed_edge_length, radial_mlp, smooth_cutoff
+from se3tutor.radial import embed_edge_length, log_smooth_cutoff, radial_mlp
 
 __all__ = ["EquivariantAttention"]
 
@@ -104,14 +104,16 @@ class EquivariantAttention(torch.nn.Module):
     def embed_edge_length(self, edge_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The smooth design (book: Smoothness): the radial basis (``cutoff=True``) vanishes
         at 0 and at ``max_radius`` with all its derivatives, and so do the radial MLPs (no
-        biases); the softmax weight :math:`c(r)` does too.
+        biases); the softmax weight :math:`c(r)` does too. Returns the embedding and
+        :math:`\log c(r)` (``-inf`` beyond the cutoff), the form the softmax takes so that tiny
+        weights near the cutoff do not underflow.
 
         Shapes: ``[num_edges] -> ([num_edges, number_of_basis], [num_edges])``.
         """
         edge_length_embedded = embed_edge_length(
             edge_length, self.max_radius, self.number_of_basis, cutoff=True
         )
-        return edge_length_embedded, smooth_cutoff(edge_length, self.max_radius)
+        return edge_length_embedded, log_smooth_cutoff(edge_length, self.max_radius)
 
     def forward(
         self,
@@ -125,7 +127,7 @@ class EquivariantAttention(torch.nn.Module):
             edge_index = radius_graph(pos, self.max_radius, batch=batch)
         edge_src, edge_dst = edge_index
         edge_vec = edge_vectors(pos, edge_index)
-        edge_length_embedded, edge_weight_cutoff = self.embed_edge_length(edge_vec.norm(dim=1))
+        edge_length_embedded, edge_log_weight = self.embed_edge_length(edge_vec.norm(dim=1))
         edge_sh = o3.spherical_harmonics(
             self.irreps_sh, edge_vec, normalize=True, normalization="component"
         )
@@ -135,7 +137,7 @@ class EquivariantAttention(torch.nn.Module):
         v = self.tp_v(f[edge_src], edge_sh, self.fc_v(edge_length_embedded))  # [num_edges, out]
 
         logits = self.dot(q[edge_dst], k)  # [num_edges, 1]
-        alpha = segment_softmax(logits, edge_dst, f.shape[0], weight=edge_weight_cutoff)
+        alpha = segment_softmax(logits, edge_dst, f.shape[0], log_weight=edge_log_weight)
         # sqrt(alpha): the alphas of a centre sum to 1, so sum_j (sqrt(alpha_ij))^2 = 1 and the
         # output keeps the values' second moment (book: Attention). relu has gradient 0 at
         # alpha = 0 (edges at the cutoff), which stops sqrt's infinite slope there.

@@ -376,7 +376,11 @@ def _scatter_torch(src, index, dim, dim_size, reduce):
 
 
 def segment_softmax(
-    logits: torch.Tensor, index: torch.Tensor, dim_size: int, weight: Optional[torch.Tensor] = None
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    dim_size: int,
+    weight: Optional[torch.Tensor] = None,
+    log_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Softmax over the edges that share a destination, computed stably.
 
@@ -388,13 +392,32 @@ def segment_softmax(
     numerator; a destination whose weights are all 0 gets :math:`\alpha = 0` (the ``z == 0``
     guard of the Attention chapter).
 
+    ``log_weight`` gives the same weights as logarithms (:math:`-\infty` for 0), added to the
+    logits before the shift: the form to use when weights can be tiny. With ``weight``, a
+    destination whose weights are all below ~1e-38 (float32) has a sum :math:`z` whose square
+    underflows, and the backward pass gives NaN; with ``log_weight`` the largest term is 1, so
+    :math:`z \ge 1` (book: Smoothness).
+
     Args:
         logits: ``[num_edges]`` or ``[num_edges, k]``; index: ``[num_edges]`` destination of
-        each edge; weight: ``[num_edges]`` or ``None``.
+        each edge; weight or log_weight (not both): ``[num_edges]`` or ``None``.
 
     >>> segment_softmax(torch.tensor([0.0, 0.0, 5.0]), torch.tensor([0, 0, 1]), 2)
     tensor([0.5000, 0.5000, 1.0000])
+    >>> segment_softmax(torch.zeros(3), torch.tensor([0, 0, 1]), 2,
+    ...                 log_weight=torch.tensor([0.0, -float("inf"), -100.0]))
+    tensor([1., 0., 1.])
     """
+    if log_weight is not None:
+        if weight is not None:
+            raise ValueError("segment_softmax: give weight or log_weight, not both")
+        scores = logits + _bcast(log_weight, logits)  # -inf: the edge does not count
+        shift = scatter(scores.detach(), index, dim=0, dim_size=dim_size, reduce="max")
+        shift = shift.nan_to_num(neginf=0.0)  # destinations without any counted edge
+        numerator = torch.exp((scores - shift[index]).clamp(max=0.0))
+        z = scatter(numerator, index, dim=0, dim_size=dim_size)
+        z = torch.where(z == 0, torch.ones_like(z), z)
+        return numerator / z[index]
     # Edges with zero weight contribute nothing, so they must not set the shift either.
     shift_source = (
         logits if weight is None else logits.masked_fill(_bcast(weight, logits) == 0, float("-inf"))

@@ -15,13 +15,20 @@ or beyond the cutoff, for the ``cutoff=True`` basis) gives zero weights (book: S
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from e3nn import nn
 from e3nn.math import soft_one_hot_linspace, soft_unit_step
 
-__all__ = ["embed_edge_length", "radial_mlp", "smooth_cutoff", "CUTOFF_SHARPNESS"]
+__all__ = [
+    "embed_edge_length",
+    "log_smooth_cutoff",
+    "radial_mlp",
+    "smooth_cutoff",
+    "CUTOFF_SHARPNESS",
+]
 
 # soft_unit_step(CUTOFF_SHARPNESS * (1 - r / r_max)) rises from 0 at r = r_max to
 # exp(-1/CUTOFF_SHARPNESS) ~ 0.905 at r = 0: a sharper step wastes less of the sphere but has
@@ -66,6 +73,29 @@ def smooth_cutoff(edge_length: torch.Tensor, max_radius: float) -> torch.Tensor:
     tensor([0., 0.])
     """
     return soft_unit_step(CUTOFF_SHARPNESS * (1 - edge_length / max_radius))
+
+
+def log_smooth_cutoff(edge_length: torch.Tensor, max_radius: float) -> torch.Tensor:
+    r"""The logarithm of :func:`smooth_cutoff`, in closed form:
+    :math:`\log c(r) = -1 / (\kappa (1 - r / r_{max}))` inside the sphere, :math:`-\infty` at
+    and beyond it, with a finite gradient everywhere.
+
+    The attention softmax takes the cutoff in this form (``segment_softmax(...,
+    log_weight=...)``): :math:`c(r)` itself underflows near the cutoff (below ~1e-38, float32's
+    smallest normal number, for :math:`r > 0.9988\, r_{max}`), and a softmax over such tiny
+    weights divides by their tiny sum in its backward pass (NaN gradients, book: Smoothness).
+
+    Shapes: ``[num_edges] -> [num_edges]``.
+
+    >>> log_smooth_cutoff(torch.tensor([0.0, 0.5, 1.0, 2.0]), max_radius=1.0)
+    tensor([-0.1000, -0.2000,    -inf,    -inf])
+    """
+    distance_to_cutoff = 1 - edge_length / max_radius
+    inside = distance_to_cutoff > 0
+    # Evaluate -1/x only where x > 0, so that neither value nor gradient of the unused branch
+    # is infinite (torch.where differentiates both branches).
+    safe = torch.where(inside, distance_to_cutoff, torch.ones_like(distance_to_cutoff))
+    return torch.where(inside, -1 / (CUTOFF_SHARPNESS * safe), torch.full_like(safe, -math.inf))
 
 
 def radial_mlp(

@@ -196,3 +196,31 @@ def test_segment_softmax_weights_the_numerator_and_guards_zero_weights():
     # Destination 0: the zero-weight edge with the largest logit does not count; destination
     # 1 has only zero weights, so every alpha is 0 instead of 0/0.
     torch.testing.assert_close(alpha, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
+
+
+def test_segment_softmax_with_log_weights_equals_the_weighted_one():
+    logits = torch.randn(50, 3, dtype=torch.float64)
+    index = torch.randint(0, 8, (50,))
+    weight = torch.rand(50, dtype=torch.float64)
+    weight[::7] = 0.0
+    torch.testing.assert_close(
+        segment_softmax(logits, index, 8, log_weight=weight.log()),
+        segment_softmax(logits, index, 8, weight=weight),
+    )
+    with pytest.raises(ValueError, match="not both"):
+        segment_softmax(logits, index, 8, weight=weight, log_weight=weight.log())
+
+
+def test_segment_softmax_gradients_stay_finite_when_every_weight_underflows():
+    # c(r) of a lone neighbour at 0.999 r_max is exp(-100) ~ 4e-44: subnormal in float32, and
+    # the weighted form's backward divides by its square (0). In log form z >= 1.
+    logits = torch.zeros(2, requires_grad=True)
+    index = torch.tensor([0, 0])
+    log_weight = torch.tensor([-100.0, -101.0], requires_grad=True)
+    alpha = segment_softmax(logits, index, 1, log_weight=log_weight)
+    grads = torch.autograd.grad((alpha * torch.tensor([1.0, 2.0])).sum(), [logits, log_weight])
+    assert all(torch.isfinite(g).all() for g in grads)
+    (weighted_grad,) = torch.autograd.grad(
+        segment_softmax(logits, index, 1, weight=log_weight.detach().exp()).sum(), logits
+    )
+    assert not torch.isfinite(weighted_grad).all()  # the failure the log form avoids

@@ -237,3 +237,13 @@ def test_layers_reject_inputs_on_another_device(layer, dtype):
     f, pos = random_inputs(layer)
     with pytest.raises(ValueError, match="f is on cpu but pos is on cuda"):
         layer(f, pos.cuda())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])
+@pytest.mark.parametrize("fraction", [0.998, 0.999, 0.9995])
+def test_attention_gradients_are_finite_where_the_cutoff_weight_underflows(dtype, fraction):
+    # A lone neighbour just inside the cutoff: c(r) is subnormal or zero in float32.
+    att = build_layer("attention", dtype)
+    f, _ = random_inputs(att, num_nodes=2)
+    pos = torch.tensor([[0.0, 0.0, 0.0], [fraction * MAX_RADIUS, 0.0, 0.0]], dtype=dtype)
+    assert gradients_are_finite(att, f, pos)

@@ -54,7 +54,7 @@ class HardCutoffAttention(EquivariantAttention):
         edge_length_embedded = embed_edge_length(
             edge_length, self.max_radius, self.number_of_basis, cutoff=False
         )
-        return edge_length_embedded, torch.ones_like(edge_length)
+        return edge_length_embedded, torch.zeros_like(edge_length)  # log 1: weight 1
 
 
 class AttentionWithoutCutoffWeight(EquivariantAttention):
@@ -62,7 +62,7 @@ class AttentionWithoutCutoffWeight(EquivariantAttention):
 
     def embed_edge_length(self, edge_length):
         edge_length_embedded, _ = super().embed_edge_length(edge_length)
-        return edge_length_embedded, torch.ones_like(edge_length)
+        return edge_length_embedded, torch.zeros_like(edge_length)  # log 1: weight 1
 
 
 class ConvolutionWithBiases(Convolution):
