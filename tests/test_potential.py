@@ -1,0 +1,109 @@
+"""se3tutor.data, se3tutor.potential and se3tutor.calculator: EMT data, checks that reject
+bad structures by name, the energy model's forces, and the ase calculator."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from e3nn import o3
+
+from se3tutor.calculator import SE3Calculator
+from se3tutor.checks import default_dtype
+from se3tutor.data import check_structures, collate, emt_clusters
+from se3tutor.potential import EnergyModel
+
+
+def small_model(dtype=torch.float32):
+    with default_dtype(dtype):
+        return EnergyModel([29, 78], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
+
+
+def test_emt_clusters_are_seeded_labelled_and_different():
+    first, second = emt_clusters(3, seed=1), emt_clusters(3, seed=1)
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(first, second))
+    assert {len(atoms) for atoms in emt_clusters(12, seed=2)} == {13, 55}
+    energies = [atoms.get_potential_energy() for atoms in first]
+    assert len(set(energies)) == 3
+    # EMT forces of a free cluster sum to zero (no external field).
+    for atoms in first:
+        assert np.abs(atoms.get_forces().sum(axis=0)).max() < 1e-8
+
+
+def labelled(positions, energy=1.0, forces=None):
+    atoms = Atoms("Cu" * len(positions), positions=positions)
+    forces = np.zeros((len(positions), 3)) if forces is None else forces
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return atoms
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda: labelled([[0, 0, 0]]), "structure 1 .* 1 atom"),
+        (lambda: labelled([[0, 0, 0], [np.nan, 0, 0]]), "structure 1 .*non-finite positions"),
+        (lambda: labelled([[0, 0, 0], [1, 0, 0]], energy=np.inf), "structure 1 .*energy"),
+        (lambda: labelled([[0, 0, 0], [1, 0, 0]], forces=np.zeros((3, 3))), "structure 1 .*forces"),
+        (lambda: Atoms("Cu2", positions=[[0, 0, 0], [1, 0, 0]]), "structure 1 .*no energy"),
+    ],
+)
+def test_bad_structures_are_rejected_naming_the_structure(bad, message):
+    good = labelled([[0, 0, 0], [2, 0, 0]])
+    with pytest.raises(ValueError, match=message):
+        check_structures([good, bad()])
+    with pytest.raises(ValueError, match="empty"):
+        check_structures([])
+
+
+def test_collate_flattens_a_batch_and_rejects_unknown_species():
+    structures = emt_clusters(2, shells=(2,), seed=3)
+    batch = collate(structures, species=[29])
+    assert batch["pos"].shape == (26, 3) and batch["forces"].shape == (26, 3)
+    assert batch["batch"].tolist() == [0] * 13 + [1] * 13
+    torch.testing.assert_close(
+        batch["energy"].double(), torch.tensor([a.get_potential_energy() for a in structures])
+    )
+    with pytest.raises(ValueError, match=r"\[29\] are not in species"):
+        collate(structures, species=[78])
+
+
+def test_forces_are_minus_the_gradient_and_rotate_with_the_structure():
+    model = small_model(torch.float64)
+    batch = collate(emt_clusters(2, element="Cu", shells=(2,), seed=4), [29, 78], torch.float64)
+    pos, species, graph = batch["pos"], batch["species_index"], batch["batch"]
+    energy, forces = model(pos, species, graph, num_graphs=2)
+    rotation = o3.rand_matrix(dtype=torch.float64)
+    energy_rotated, forces_rotated = model(pos @ rotation.T + 1.0, species, graph, num_graphs=2)
+    torch.testing.assert_close(energy_rotated, energy, rtol=0, atol=1e-10)
+    torch.testing.assert_close(forces_rotated, forces @ rotation.T, rtol=0, atol=1e-10)
+    # Finite differences of the energy along one coordinate give the force.
+    step = torch.zeros_like(pos)
+    step[3, 1] = 1e-5
+    e_plus, _ = model(pos + step, species, graph, num_graphs=2)
+    e_minus, _ = model(pos - step, species, graph, num_graphs=2)
+    slope = (e_plus[0] - e_minus[0]) / 2e-5
+    torch.testing.assert_close(-slope, forces[3, 1], rtol=1e-5, atol=1e-8)
+
+
+def test_fit_reference_explains_the_mean_energy_per_atom():
+    model = small_model()
+    batch = collate(emt_clusters(8, seed=5), [29, 78])
+    model.fit_reference(batch["species_index"], batch["batch"], batch["energy"], 8)
+    atoms_per_graph = torch.bincount(batch["batch"]).float()
+    predicted = model.reference[0] * atoms_per_graph
+    assert (predicted - batch["energy"]).abs().mean() < batch["energy"].abs().mean()
+    assert model.scale > 0
+
+
+def test_the_calculator_runs_ase_dynamics_on_the_model():
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = emt_clusters(1, shells=(2,), seed=6)[0]
+    atoms.calc = SE3Calculator(small_model())
+    forces = atoms.get_forces()
+    assert forces.shape == (13, 3) and np.isfinite(forces).all()
+    VelocityVerlet(atoms, timestep=1.0).run(3)
+    assert np.isfinite(atoms.positions).all()
+    atoms.numbers[0] = 1  # hydrogen: not a species of the model
+    with pytest.raises(ValueError, match="unknown to the model"):
+        atoms.get_potential_energy()
