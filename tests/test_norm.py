@@ -297,13 +297,13 @@ def attention_outputs(att, f, pos, edge_index):
     layer's own submodules."""
     edge_src, edge_dst = edge_index
     edge_vec = edge_vectors(pos, edge_index)
-    edge_length_embedded, edge_weight_cutoff = att.embed_edge_length(edge_vec.norm(dim=1))
+    edge_length_embedded, edge_log_weight = att.embed_edge_length(edge_vec.norm(dim=1))
     edge_sh = o3.spherical_harmonics(att.irreps_sh, edge_vec, True, normalization="component")
     q = att.h_q(f)
     k = att.tp_k(f[edge_src], edge_sh, att.fc_k(edge_length_embedded))
     v = att.tp_v(f[edge_src], edge_sh, att.fc_v(edge_length_embedded))
     logits = att.dot(q[edge_dst], k)
-    alpha = segment_softmax(logits, edge_dst, f.shape[0], weight=edge_weight_cutoff)
+    alpha = segment_softmax(logits, edge_dst, f.shape[0], log_weight=edge_log_weight)
     return [
         scatter(weight * v, edge_dst, dim=0, dim_size=f.shape[0])
         for weight in (alpha.relu().sqrt(), alpha)
