@@ -30,6 +30,29 @@ Where the behaviour differs on purpose:
   coordinates (in 0.9.0 the flag is inverted and ``True`` turns them off);
 - ``max_sparse_neighbors`` keeps the *nearest* adjacent nodes (0.9.0 samples them at random);
 - masked nodes (``mask == False``) are left out of the graph; their outputs are zero;
+- ``use_null_kv``: the null key and value are learned only in their ``0e`` part (0.9.0
+  learns them for every degree, which a rotation would change once they are nonzero), and
+  start from e3nn's random initialisation, not from zero;
+- ``global_feats``: as in 0.9.0, extra ``0e`` keys and values that every node of the graph
+  attends to; here every head has one softmax over all its degrees (0.9.0: one per degree,
+  and only degree 0 sees the global features), so they reach every degree;
+- ``num_conv_layers``: pre-norm residual convolutions (cutoff-weighted mean over the
+  neighbours plus a self-interaction, :class:`se3tutor.variants.ConvolutionBlock`);
+  0.9.0 applies a norm nonlinearity, then a convolution with self-interaction;
+- ``norm_gated_scale``: every norm's output is multiplied per channel by
+  ``1 + W |channel norms|`` (:class:`se3tutor.variants.GatedScaleLayerNorm`); 0.9.0's norm
+  is a nonlinearity of the norms whose scale becomes such a gate;
+- ``splits``: the default 4 computes in one piece (as before ``splits`` had an effect, so
+  that default models give bitwise the same results); any other value computes the edges'
+  keys and values in that many chunks, recomputed in the backward pass (checkpointing), so
+  the per-edge tensors of a layer are never all kept: a smaller peak in training too, where
+  0.9.0's chunks only bound the temporary of one product;
+- ``reversible``: as 0.9.0 (two copies of the features, attention then feed-forward,
+  their mean at the end), but the gradients with respect to the coordinates that pass
+  through the blocks are outputs of the backward pass; 0.9.0 adds them to ``.grad`` as a
+  side effect of ``.backward()``, so ``torch.autograd.grad`` misses them (on one small
+  model: 2.14 instead of 2.33). Neither backward pass can itself be differentiated
+  (``create_graph``, e.g. for training on forces);
 - no Clebsch-Gordan basis cache: e3nn computes its constants when a module is built, so the
   environment variables ``CLEAR_CACHE`` and ``CACHE_PATH`` of that library are not needed and
   are ignored.
@@ -37,6 +60,7 @@ Where the behaviour differs on purpose:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -44,24 +68,28 @@ import torch
 from e3nn import o3
 
 from se3tutor.graph import _keep_nearest, radius_graph
-from se3tutor.norm import EquivariantLayerNorm
 from se3tutor.transformer import SE3Transformer as GraphSE3Transformer
+from se3tutor.transformer import node_layer_norm
+from se3tutor.variants import (
+    ChunkedEdges,
+    ConvolutionBlock,
+    GatedScaleLayerNorm,
+    GlobalKeysValues,
+    LinearKeys,
+    NullKeyValue,
+    OneHeadedKeysValues,
+    ReversibleSE3Transformer,
+    TiedKeysValues,
+    attention_class,
+)
 
 __all__ = ["SE3Transformer", "fourier_encode"]
 
 # Keywords of 0.9.0 that this front end does not implement yet; passing a non-default value
 # raises instead of silently computing something else.
 _NOT_YET = {
-    "reversible": False,
-    "use_null_kv": False,
-    "num_conv_layers": 0,
-    "global_feats_dim": None,
-    "linear_proj_keys": False,
-    "one_headed_key_values": False,
-    "tie_key_values": False,
     "rotary_position": False,
     "rotary_rel_dist": False,
-    "norm_gated_scale": False,
     "use_egnn": False,
     "egnn_feedforward": False,
     "egnn_weights_clamp_value": None,
@@ -110,8 +138,12 @@ class SE3Transformer(torch.nn.Module):
     dim_in, dim_out, valid_radius, num_neighbors, attend_self, num_tokens, num_positions,
     num_edge_tokens, edge_dim, fourier_encode_dist, rel_dist_num_fourier_features,
     attend_sparse_neighbors, max_sparse_neighbors, num_adj_degrees, adj_dim, causal,
-    reduce_dim_out, norm_out, differentiable_coors, splits`` (a memory knob; no effect yet).
-    The others raise ``NotImplementedError`` when given a non-default value.
+    reduce_dim_out, norm_out, differentiable_coors, linear_proj_keys, tie_key_values,
+    one_headed_key_values, use_null_kv, global_feats_dim, num_conv_layers, norm_gated_scale,
+    splits, reversible``, each by a variant of :mod:`se3tutor.variants`. Not yet:
+    ``rotary_position, rotary_rel_dist, use_egnn, egnn_weights_clamp_value,
+    egnn_feedforward`` raise ``NotImplementedError`` when given a non-default value
+    (``egnn_hidden_dim`` is accepted; it would only matter with ``use_egnn``).
 
     >>> model = SE3Transformer(dim=8, heads=2, dim_head=4, depth=1, num_degrees=2,
     ...                        valid_radius=10)
@@ -150,6 +182,14 @@ class SE3Transformer(torch.nn.Module):
         norm_out: bool = False,
         causal: bool = False,
         splits: int = 4,
+        reversible: bool = False,
+        use_null_kv: bool = False,
+        num_conv_layers: int = 0,
+        global_feats_dim: Optional[int] = None,
+        linear_proj_keys: bool = False,
+        one_headed_key_values: bool = False,
+        tie_key_values: bool = False,
+        norm_gated_scale: bool = False,
         egnn_hidden_dim: int = 32,
         hidden_fiber_dict: Optional[dict] = None,
         out_fiber_dict: Optional[dict] = None,
@@ -174,6 +214,12 @@ class SE3Transformer(torch.nn.Module):
             raise ValueError("causal needs attend_self=True (the first node has only itself)")
         if not attend_sparse_neighbors and not num_neighbors > 0:
             raise ValueError("num_neighbors must be > 0 unless attend_sparse_neighbors is set")
+        if reversible and global_feats_dim is not None:
+            raise ValueError("reversible and global_feats_dim exclude each other (as in 0.9.0)")
+        if splits < 1 or num_conv_layers < 0:
+            raise ValueError(
+                f"need splits >= 1, num_conv_layers >= 0; got {splits}, {num_conv_layers}"
+            )
 
         dims_in = dim_in if isinstance(dim_in, tuple) else (dim_in or dim,) * input_degrees
         self.dims_in = dims_in
@@ -220,7 +266,25 @@ class SE3Transformer(torch.nn.Module):
         self.irreps_out = self.irreps_degrees + o3.Irreps(
             [(mul, (ir.l, -ir.p)) for mul, ir in self.irreps_degrees]
         )
-        self.net = GraphSE3Transformer(
+        norm = GatedScaleLayerNorm if norm_gated_scale else node_layer_norm
+        # The attention: the variants these keywords ask for, and their own arguments.
+        chosen = {
+            LinearKeys: linear_proj_keys,
+            TiedKeysValues: tie_key_values,
+            OneHeadedKeysValues: one_headed_key_values,
+            NullKeyValue: use_null_kv,
+        }
+        variants, options = [variant for variant, used in chosen.items() if used], {}
+        if global_feats_dim is not None:
+            variants.append(GlobalKeysValues)
+            options["global_feats_dim"] = global_feats_dim
+        if splits != 4:  # the default computes in one piece, bitwise as before splits existed
+            variants.append(ChunkedEdges)
+            options["edge_chunks"] = splits
+        attention = functools.partial(attention_class(*variants), **options)
+        self.global_feats_dim = global_feats_dim
+        model_class = ReversibleSE3Transformer if reversible else GraphSE3Transformer
+        self.net = model_class(
             self.irreps_in,
             _irreps_of_degrees(hidden, both_parities=True),
             self.irreps_out,
@@ -232,8 +296,11 @@ class SE3Transformer(torch.nn.Module):
             ),
             edge_attr_dim=edge_attr_dim,
             attend_self=attend_self,
+            attention=attention,
+            norm=norm,
+            stem=[functools.partial(ConvolutionBlock, norm=norm)] * num_conv_layers,
         )
-        self.norm = EquivariantLayerNorm(self.irreps_degrees, scope="node") if norm_out else None
+        self.norm = norm(self.irreps_degrees) if norm_out else None
 
     def forward(
         self,
@@ -259,12 +326,11 @@ class SE3Transformer(torch.nn.Module):
         ``l > 0``, without the ``d`` axis for ``reduce_dim_out``, and without the ``n`` axis
         (a masked mean over nodes) for ``return_pooled``.
         """
-        if global_feats is not None:
-            raise ValueError("global_feats given, but global_feats_dim was not set at init")
         if self.output_degrees == 1:
             return_type = 0
         if not isinstance(coors, torch.Tensor) or coors.dim() != 3 or coors.shape[-1] != 3:
             raise ValueError(f"coors must be [b, n, 3], got {getattr(coors, 'shape', coors)}")
+        global_feats = self._global_feats(global_feats, coors)
         b, n, _ = coors.shape
         f = self._node_features(feats, b, n)
         mask = torch.ones(b, n, dtype=torch.bool, device=coors.device) if mask is None else mask
@@ -281,7 +347,14 @@ class SE3Transformer(torch.nn.Module):
         )
         edge_attr = self._edge_features(pos, edge_index, graph, i, j, edges, adjacency)
 
-        out = self.net(f, pos, batch=batch, edge_index=edge_index, edge_attr=edge_attr)
+        out = self.net(
+            f,
+            pos,
+            batch=batch,
+            edge_index=edge_index,
+            edge_attr=edge_attr,
+            global_feats=global_feats,
+        )
         # Each degree's two parities added: [b * n, irreps_degrees.dim]
         natural, other = out.split(self.irreps_degrees.dim, dim=1)
         out = natural + other
@@ -296,6 +369,23 @@ class SE3Transformer(torch.nn.Module):
                 for key, value in result.items()
             }
         return result[str(return_type)] if return_type is not None else result
+
+    def _global_feats(self, global_feats, coors) -> Optional[torch.Tensor]:
+        """``[b, m, global_feats_dim]`` (or a dict ``{"0": [b, m, d, 1]}``, as node features)."""
+        if self.global_feats_dim is None:
+            if global_feats is not None:
+                raise ValueError("global_feats given, but global_feats_dim was not set at init")
+            return None
+        if isinstance(global_feats, dict) and set(global_feats) == {"0"}:
+            global_feats = global_feats["0"].squeeze(-1)
+        expected = (coors.shape[0], self.global_feats_dim)
+        if not isinstance(global_feats, torch.Tensor) or global_feats.dim() != 3 or (
+            global_feats.shape[0], global_feats.shape[2]) != expected:  # fmt: skip
+            raise ValueError(
+                f"global_feats must be [b, m, global_feats_dim] = [{expected[0]}, m, "
+                f"{expected[1]}], got {getattr(global_feats, 'shape', global_feats)}"
+            )
+        return global_feats.to(coors.dtype)
 
     def _node_features(self, feats, b: int, n: int) -> torch.Tensor:
         """``[b * n, irreps_in.dim]`` in e3nn's layout (channel-major within each degree)."""

@@ -22,29 +22,33 @@ invariant to the order of the nodes.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 from e3nn import o3
 
-from se3tutor.graph import (
-    check_graph_inputs,
-    edge_vectors,
-    radius_graph,
-    scatter,
-    segment_softmax,
+from se3tutor.graph import check_graph_inputs, radius_graph
+from se3tutor.multihead import (  # the attention sublayer and its edge data
+    EdgeGeometry,
+    GlobalTokens,
+    KeysValues,
+    MultiHeadAttention,
+    edge_geometry,
 )
 from se3tutor.norm import EquivariantLayerNorm, gated_nonlinearity
-from se3tutor.radial import embed_edge_length, radial_mlp, smooth_cutoff
 
 __all__ = [
     "EdgeGeometry",
     "FeedForward",
+    "GlobalTokens",
+    "KeysValues",
     "MultiHeadAttention",
     "SE3Transformer",
     "TransformerBlock",
     "edge_geometry",
     "hidden_irreps",
+    "node_layer_norm",
 ]
 
 
@@ -69,152 +73,6 @@ def hidden_irreps(multiplicity: int, lmax: int, symmetry: str = "E3") -> o3.Irre
     return o3.Irreps([(multiplicity, (l, p)) for l in range(lmax + 1) for p in parities(l)])
 
 
-class EdgeGeometry(NamedTuple):
-    """What every layer needs to know about the edges, computed once per forward pass."""
-
-    edge_src: torch.Tensor  # [num_edges] sending node j
-    edge_dst: torch.Tensor  # [num_edges] receiving node i
-    edge_sh: torch.Tensor  # [num_edges, irreps_sh.dim] Y(x_ij / |x_ij|), component norm
-    edge_scalars: torch.Tensor  # [num_edges, number_of_basis + edge_attr_dim] radial MLP input
-    edge_weight: torch.Tensor  # [num_edges] smooth cutoff c(r_ij)
-
-
-def edge_geometry(
-    pos: torch.Tensor,
-    edge_index: torch.Tensor,
-    irreps_sh,
-    max_radius: float,
-    number_of_basis: int,
-    edge_attr: Optional[torch.Tensor] = None,
-) -> EdgeGeometry:
-    r"""Spherical harmonics, radial MLP input and smooth cutoff of every edge.
-
-    The radial MLP input is :math:`[\sqrt{B}\,\mathrm{basis}(r),\ c(r)\, a_{ij}]`: the
-    embedding of the Attention chapter and the edge features :math:`a_{ij}` times the smooth
-    cutoff, so that the whole input, and with it every tensor-product weight, vanishes
-    smoothly at the cutoff (book: Smoothness).
-
-    Shapes: ``pos [num_nodes, 3]``, ``edge_index [2, num_edges]``,
-    ``edge_attr [num_edges, edge_attr_dim]``.
-    """
-    edge_src, edge_dst = edge_index
-    edge_vec = edge_vectors(pos, edge_index)
-    edge_length = edge_vec.norm(dim=1)
-    edge_sh = o3.spherical_harmonics(irreps_sh, edge_vec, normalize=True, normalization="component")
-    edge_weight = smooth_cutoff(edge_length, max_radius)
-    edge_scalars = embed_edge_length(edge_length, max_radius, number_of_basis, cutoff=True)
-    if edge_attr is not None:
-        edge_scalars = torch.cat([edge_scalars, edge_attr * edge_weight[:, None]], dim=1)
-    return EdgeGeometry(edge_src, edge_dst, edge_sh, edge_scalars, edge_weight)
-
-
-def _depthwise_tensor_product(irreps_node, irreps_sh, irreps_targets) -> o3.TensorProduct:
-    """``f_j (x) Y`` channel by channel ("uvu"): every channel u of every irrep of ``f_j`` times
-    every harmonic, kept where the product's irrep appears in ``irreps_targets``; one weight
-    per (channel, path) and edge. Far fewer per-edge weights than a fully connected product,
-    whose (channel in, channel out) weights per edge are what make large graphs run out of
-    memory; the channels are mixed afterwards by a linear map shared by all edges.
-    """
-    wanted = {ir for _, ir in o3.Irreps(irreps_targets)}
-    paths = [
-        (ir_out, i_in, i_sh, mul)
-        for i_in, (mul, ir_in) in enumerate(irreps_node)
-        for i_sh, (_, ir_sh) in enumerate(irreps_sh)
-        for ir_out in ir_in * ir_sh
-        if ir_out in wanted
-    ]
-    # Outputs of equal irreps side by side: their concatenation is one block of
-    # ``irreps_out.simplify()``, and a linear map on few large blocks is much faster.
-    paths.sort(key=lambda path: path[0])
-    irreps_mid = [(mul, ir_out) for ir_out, _, _, mul in paths]
-    instructions = [(i_in, i_sh, k, "uvu", True) for k, (_, i_in, i_sh, _) in enumerate(paths)]
-    return o3.TensorProduct(
-        irreps_node,
-        irreps_sh,
-        o3.Irreps(irreps_mid),
-        instructions,
-        shared_weights=False,
-        internal_weights=False,
-    )
-
-
-class MultiHeadAttention(torch.nn.Module):
-    r"""Multi-head equivariant graph attention (book: The SE(3)-Transformer).
-
-    .. math:: f'_i = W_O \bigoplus_h \sum_{j} \sqrt{\alpha^h_{ij}}\, v^h_{ij}, \qquad
-              \alpha^h_{ij} = \frac{c(r_{ij})\, e^{q^h_i \cdot k^h_{ij} / \sqrt{d}}}
-                                   {\sum_{j'} c(r_{ij'})\, e^{q^h_i \cdot k^h_{ij'} / \sqrt{d}}}
-
-    with :math:`q_i = W_Q f_i`, :math:`k_{ij} = W_K m_{ij}`, :math:`v_{ij} = W_V m_{ij}`,
-    messages :math:`m_{ij} = f_j \otimes_{w(r_{ij}, a_{ij})} Y(\hat x_{ij})` and :math:`d` =
-    ``irreps_head.dim``. The dot product pairs equal irreps, so it is invariant. With
-    ``attend_self`` each node also attends to itself, with key :math:`W_K^{self} f_i`, value
-    :math:`W_V^{self} f_i` and weight 1.
-
-    Shapes: ``f [num_nodes, irreps_node.dim]`` -> ``[num_nodes, irreps_node.dim]``.
-    """
-
-    def __init__(
-        self,
-        irreps_node,
-        irreps_head,
-        num_heads: int,
-        irreps_sh,
-        number_of_edge_scalars: int,
-        radial_hidden: int = 32,
-        attend_self: bool = False,
-    ) -> None:
-        super().__init__()
-        self.irreps_node = o3.Irreps(irreps_node)
-        self.irreps_head = o3.Irreps(irreps_head).simplify()
-        self.num_heads = num_heads
-        self.attend_self = attend_self
-        # All heads side by side: head h owns the h-th slice of every block.
-        self.irreps_heads = o3.Irreps([(num_heads * mul, ir) for mul, ir in self.irreps_head])
-
-        self.h_q = o3.Linear(self.irreps_node, self.irreps_heads)
-        self.tp = _depthwise_tensor_product(self.irreps_node, o3.Irreps(irreps_sh), irreps_head)
-        self.fc = radial_mlp(
-            number_of_edge_scalars, radial_hidden, self.tp.weight_numel, torch.nn.functional.silu
-        )
-        irreps_messages = self.tp.irreps_out.simplify()
-        self.h_k = o3.Linear(irreps_messages, self.irreps_heads)
-        self.h_v = o3.Linear(irreps_messages, self.irreps_heads)
-        if attend_self:
-            self.h_k_self = o3.Linear(self.irreps_node, self.irreps_heads)
-            self.h_v_self = o3.Linear(self.irreps_node, self.irreps_heads)
-        self.h_o = o3.Linear(self.irreps_heads, self.irreps_node)
-
-        # head_of[c]: the head that owns component c of irreps_heads.
-        head_of = [
-            torch.arange(num_heads).repeat_interleave(mul * ir.dim) for mul, ir in self.irreps_head
-        ]
-        head_of = torch.cat(head_of)
-        self.register_buffer("head_of", head_of, persistent=False)
-        # Summing q * k over a head's components, divided by sqrt(d): a [dim, heads] matrix.
-        head_sum = torch.nn.functional.one_hot(head_of, num_heads) / self.irreps_head.dim**0.5
-        self.register_buffer("head_sum", head_sum.to(torch.get_default_dtype()), persistent=False)
-
-    def forward(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
-        num_nodes = f.shape[0]
-        q = self.h_q(f)  # [num_nodes, heads * d]
-        messages = self.tp(f[edges.edge_src], edges.edge_sh, self.fc(edges.edge_scalars))
-        k, v = self.h_k(messages), self.h_v(messages)  # [num_edges, heads * d]
-        edge_dst, edge_weight = edges.edge_dst, edges.edge_weight
-        if self.attend_self:
-            k = torch.cat([k, self.h_k_self(f)])
-            v = torch.cat([v, self.h_v_self(f)])
-            edge_dst = torch.cat([edge_dst, torch.arange(num_nodes, device=f.device)])
-            edge_weight = torch.cat([edge_weight, torch.ones_like(f[:, 0])])
-
-        logits = (q[edge_dst] * k) @ self.head_sum  # [num_edges, heads]
-        alpha = segment_softmax(logits, edge_dst, num_nodes, weight=edge_weight)
-        # sqrt(alpha) keeps the second moment of the values (book: Attention); relu stops
-        # sqrt's infinite slope at alpha = 0 (edges at the cutoff).
-        weighted = alpha.relu().sqrt()[:, self.head_of] * v
-        return self.h_o(scatter(weighted, edge_dst, dim=0, dim_size=num_nodes))
-
-
 class FeedForward(torch.nn.Module):
     r"""Per-node equivariant feed-forward block: :math:`W_2\, \mathrm{Gate}(W_1 f)`.
 
@@ -234,20 +92,32 @@ class FeedForward(torch.nn.Module):
         return self.linear_out(self.gate(self.linear_in(f)))
 
 
+def node_layer_norm(irreps) -> EquivariantLayerNorm:
+    """The model's norm: :class:`se3tutor.norm.EquivariantLayerNorm` with ``scope="node"``."""
+    return EquivariantLayerNorm(irreps, scope="node")
+
+
 class TransformerBlock(torch.nn.Module):
     r"""One layer: :math:`f \leftarrow f + A(N_1 f)`, then :math:`f \leftarrow f + F(N_2 f)`.
 
     Pre-norm residual: each sublayer sees features of second moment 1, and the residual
     stream grows at most linearly with depth (book: Normalization). The norms act per node
     (``scope="node"``), which keeps the model smooth where a neighbour enters the cutoff
-    sphere (see :class:`se3tutor.norm.EquivariantLayerNorm`).
+    sphere (see :class:`se3tutor.norm.EquivariantLayerNorm`); ``norm`` makes another one
+    from the irreps.
     """
 
-    def __init__(self, irreps_node, attention: MultiHeadAttention, feed_forward: FeedForward):
+    def __init__(
+        self,
+        irreps_node,
+        attention: MultiHeadAttention,
+        feed_forward: FeedForward,
+        norm: Callable[..., torch.nn.Module] = node_layer_norm,
+    ):
         super().__init__()
-        self.norm_attention = EquivariantLayerNorm(irreps_node, scope="node")
+        self.norm_attention = norm(irreps_node)
         self.attention = attention
-        self.norm_feed_forward = EquivariantLayerNorm(irreps_node, scope="node")
+        self.norm_feed_forward = norm(irreps_node)
         self.feed_forward = feed_forward
 
     def forward(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
@@ -279,6 +149,13 @@ class SE3Transformer(torch.nn.Module):
         attend_self: each node also attends to itself.
         irreps_feed_forward: the feed-forward block's inner irreps; default twice the hidden
             multiplicities.
+        attention: the attention class (or a factory with its arguments), e.g. a
+            combination of the variants of :mod:`se3tutor.variants`.
+        norm: makes every norm of the model from its irreps (default
+            :func:`node_layer_norm`).
+        stem: factories of layers ``layer(f, edges) -> f`` run between the embedding and the
+            blocks, each called as ``factory(irreps_hidden, irreps_sh, number_of_basis +
+            edge_attr_dim, radial_hidden)`` (e.g. :class:`se3tutor.variants.ConvolutionBlock`).
 
     Float64: build under ``se3tutor.checks.default_dtype(torch.float64)`` (e3nn computes its
     constants in the default dtype).
@@ -286,7 +163,9 @@ class SE3Transformer(torch.nn.Module):
     Shapes: ``f [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``, ``batch [num_nodes]``
     (PyTorch Geometric convention: the graph of each node), ``edge_index [2, num_edges]``
     (default: ``radius_graph(pos, max_radius, batch)``), ``edge_attr [num_edges,
-    edge_attr_dim]`` -> ``[num_nodes, irreps_out.dim]``.
+    edge_attr_dim]``, ``global_feats [num_graphs, m, global_feats_dim]`` (invariant; for an
+    attention that uses them, see :class:`se3tutor.variants.GlobalKeysValues`) ->
+    ``[num_nodes, irreps_out.dim]``.
 
     >>> model = SE3Transformer("4x0e", hidden_irreps(8, 1), "1x1o", max_radius=2.0,
     ...                        num_layers=2, num_heads=2)
@@ -311,6 +190,9 @@ class SE3Transformer(torch.nn.Module):
         edge_attr_dim: int = 0,
         attend_self: bool = False,
         irreps_feed_forward=None,
+        attention: Callable[..., MultiHeadAttention] = MultiHeadAttention,
+        norm: Callable[..., torch.nn.Module] = node_layer_norm,
+        stem: Sequence[Callable[..., torch.nn.Module]] = (),
     ) -> None:
         super().__init__()
         if not max_radius > 0 or num_layers < 0 or num_heads < 1:
@@ -333,10 +215,16 @@ class SE3Transformer(torch.nn.Module):
         self.edge_attr_dim = edge_attr_dim
 
         self.embed = o3.Linear(self.irreps_in, self.irreps_hidden)
+        self.stem = torch.nn.ModuleList(
+            layer(
+                self.irreps_hidden, self.irreps_sh, number_of_basis + edge_attr_dim, radial_hidden
+            )
+            for layer in stem
+        )
         self.blocks = torch.nn.ModuleList(
             TransformerBlock(
                 self.irreps_hidden,
-                MultiHeadAttention(
+                attention(
                     self.irreps_hidden,
                     irreps_head,
                     num_heads,
@@ -346,10 +234,11 @@ class SE3Transformer(torch.nn.Module):
                     attend_self,
                 ),
                 FeedForward(self.irreps_hidden, irreps_feed_forward),
+                norm,
             )
             for _ in range(num_layers)
         )
-        self.norm_out = EquivariantLayerNorm(self.irreps_hidden, scope="node")
+        self.norm_out = norm(self.irreps_hidden)
         self.readout = o3.Linear(self.irreps_hidden, self.irreps_out)
 
     def forward(
@@ -359,9 +248,12 @@ class SE3Transformer(torch.nn.Module):
         batch: Optional[torch.Tensor] = None,
         edge_index: Optional[torch.Tensor] = None,
         edge_attr: Optional[torch.Tensor] = None,
+        global_feats: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
         self._check_edge_attr(edge_attr, edge_index, f)
+        if global_feats is not None:
+            self._check_global_feats(global_feats, f)
         if edge_index is None:
             edge_index = radius_graph(
                 pos, self.max_radius, batch=batch, max_num_neighbors=self.max_num_neighbors
@@ -369,10 +261,30 @@ class SE3Transformer(torch.nn.Module):
         edges = edge_geometry(
             pos, edge_index, self.irreps_sh, self.max_radius, self.number_of_basis, edge_attr
         )
+        if global_feats is not None:
+            edges = edges._replace(global_tokens=_global_tokens(global_feats, batch, len(f)))
         f = self.embed(f)
+        for layer in self.stem:
+            f = layer(f, edges)
+        f = self.trunk(f, edges)
+        return self.readout(self.norm_out(f))
+
+    def trunk(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
+        """The blocks, one after the other."""
         for block in self.blocks:
             f = block(f, edges)
-        return self.readout(self.norm_out(f))
+        return f
+
+    def _check_global_feats(self, global_feats, f) -> None:
+        if not all(block.attention.attends_to_global_tokens for block in self.blocks):
+            raise ValueError("global_feats given, but the attention does not attend to them")
+        if global_feats.dim() != 3 or global_feats.dtype != f.dtype:
+            raise ValueError(
+                f"global_feats must be [num_graphs, m, global_feats_dim] of dtype {f.dtype}, "
+                f"got {tuple(global_feats.shape)} {global_feats.dtype}"
+            )
+        if global_feats.device != f.device:
+            raise TypeError(f"global_feats must be on {f.device}")
 
     def _check_edge_attr(self, edge_attr, edge_index, f) -> None:
         if self.edge_attr_dim == 0:
@@ -393,3 +305,13 @@ class SE3Transformer(torch.nn.Module):
             )
         if edge_attr.dtype != f.dtype or edge_attr.device != f.device:
             raise TypeError(f"edge_attr must be {f.dtype} on {f.device}")
+
+
+def _global_tokens(global_feats: torch.Tensor, batch: Optional[torch.Tensor], num_nodes: int):
+    """Every node sees the ``m`` tokens of its graph: ``global_feats [num_graphs, m, dim]``."""
+    num_graphs, m, _ = global_feats.shape
+    if batch is None:
+        batch = torch.zeros(num_nodes, dtype=torch.long, device=global_feats.device)
+    tokens = batch[:, None] * m + torch.arange(m, device=batch.device)  # [num_nodes, m]
+    nodes = torch.arange(num_nodes, device=batch.device).repeat_interleave(m)
+    return GlobalTokens(global_feats.reshape(num_graphs * m, -1), tokens.reshape(-1), nodes)

@@ -122,7 +122,7 @@ def test_multi_head_attention_computes_each_heads_softmax_separately():
             head_slice(v, head),
         )
         logits = sum((a * b).sum(dim=(1, 2)) for a, b in zip(q_h, k_h)) / d**0.5
-        alpha = segment_softmax(logits, edges.edge_dst, 30, weight=edges.edge_weight)
+        alpha = segment_softmax(logits, edges.edge_dst, 30, log_weight=edges.edge_log_weight)
         sums = [
             torch.zeros(30, *block.shape[1:], dtype=torch.float64).index_add_(
                 0, edges.edge_dst, alpha.sqrt()[:, None, None] * block
@@ -281,3 +281,34 @@ def test_per_node_norms_keep_the_force_small_where_a_lone_neighbour_enters():
     _, force = response_along_line(model, f, pos, 1, direction, t)
     _, force_per_irrep = response_along_line(per_irrep, f, pos, 1, direction, t)
     assert force_per_irrep.abs().max() > 5 * force.abs().max()
+
+
+def test_attention_variants_compose_and_keep_the_graph_model_equivariant():
+    from se3tutor.variants import LinearKeys, NullKeyValue, OneHeadedKeysValues, attention_class
+
+    attention = attention_class(NullKeyValue, OneHeadedKeysValues, LinearKeys)
+    model = build_model(torch.float64, attention=attention, attend_self=True)
+    layer = model.blocks[0].attention
+    assert all(isinstance(layer, v) for v in (NullKeyValue, OneHeadedKeysValues, LinearKeys))
+    f, pos = random_inputs(model)
+    for inversion in (False, True):
+        assert equivariance_error(model, IRREPS_IN, IRREPS_OUT, f, pos, inversion=inversion) < 1e-9
+    with pytest.raises(ValueError, match="does not attend to them"):
+        build_model(torch.float64)(f, pos, global_feats=torch.zeros(1, 2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fraction", [0.998, 0.999, 0.9995])
+def test_force_loss_gradients_are_finite_where_the_cutoff_weight_underflows(fraction):
+    # A neighbour just inside the cutoff next to a near one: its c(r) underflows float32 and
+    # its alpha is 0 (or subnormal). A force loss differentiates the output twice; both
+    # passes must stay finite.
+    model = build_model()
+    f = model.irreps_in.randn(3, -1)
+    pos = torch.tensor(
+        [[0.0, 0.0, 0.0], [0.3 * MAX_RADIUS, 0.0, 0.0], [0.0, fraction * MAX_RADIUS, 0.0]],
+        requires_grad=True,
+    )
+    (force,) = torch.autograd.grad(model(f, pos)[:, 0].sum(), pos, create_graph=True)
+    grads = torch.autograd.grad(force.pow(2).sum(), list(model.parameters()), allow_unused=True)
+    assert torch.isfinite(force).all()
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
