@@ -53,6 +53,17 @@ Where the behaviour differs on purpose:
   side effect of ``.backward()``, so ``torch.autograd.grad`` misses them (on one small
   model: 2.14 instead of 2.33). Neither backward pass can itself be differentiated
   (``create_graph``, e.g. for training on forces);
+- ``rotary_position``, ``rotary_rel_dist``: rotary embeddings of ``j - i`` and of
+  ``100 r_ij`` (:class:`se3tutor.rotary.RotaryKeys`) rotate the ``0e`` channels of each
+  edge's key by the relative position (as 0.9.0's rotation of query and key, whose logit
+  depends on it alone), so they stay invariant; 0.9.0 rotates all degree-0 channels and the
+  values too. Half the ``0e`` channels of a head per keyword: two keywords need
+  ``dim_head >= 8``. Not with ``reversible`` yet;
+- ``use_egnn``: E(n)-GNN layers (:class:`se3tutor.egnn.EGNNLayer`) replace the attention
+  blocks, and return the hidden degrees as 0.9.0 does; every irrep other than ``0e`` is
+  updated as 0.9.0 updates its higher degrees, messages are weighted by the smooth cutoff,
+  and one :class:`~se3tutor.variants.ConvolutionBlock` before them plays 0.9.0's input
+  convolution (the only source of degrees ``l > 0`` from type-0 inputs);
 - no Clebsch-Gordan basis cache: e3nn computes its constants when a module is built, so the
   environment variables ``CLEAR_CACHE`` and ``CACHE_PATH`` of that library are not needed and
   are ignored.
@@ -61,13 +72,19 @@ Where the behaviour differs on purpose:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Union
 
 import torch
 from e3nn import o3
 
-from se3tutor.graph import _keep_nearest, radius_graph
+from se3tutor.egnn import EGNNTransformer
+from se3tutor.neighbors import (  # noqa: F401 (fourier_encode: part of the 0.9.0 API)
+    adjacency_degrees,
+    edge_features,
+    fourier_encode,
+    select_neighbours,
+)
+from se3tutor.rotary import RotaryKeys
 from se3tutor.transformer import SE3Transformer as GraphSE3Transformer
 from se3tutor.transformer import node_layer_norm
 from se3tutor.variants import (
@@ -85,36 +102,8 @@ from se3tutor.variants import (
 
 __all__ = ["SE3Transformer", "fourier_encode"]
 
-# Keywords of 0.9.0 that this front end does not implement yet; passing a non-default value
-# raises instead of silently computing something else.
-_NOT_YET = {
-    "rotary_position": False,
-    "rotary_rel_dist": False,
-    "use_egnn": False,
-    "egnn_feedforward": False,
-    "egnn_weights_clamp_value": None,
-}
-
-
-def fourier_encode(
-    x: torch.Tensor, num_encodings: int = 4, include_self: bool = True, flatten: bool = True
-) -> torch.Tensor:
-    r"""Sines and cosines of ``x`` at ``num_encodings`` scales, and ``x`` itself:
-    :math:`[\sin(x / 2^k)]_k, [\cos(x / 2^k)]_k, x` along a new last axis (se3-transformer-
-    pytorch's helper of the same name, for continuous edge values).
-
-    Shapes: ``[b, n, n, ...] -> [b, n, n, (...) * (2 * num_encodings + 1)]`` with
-    ``flatten`` (the axes after the third merged), else ``[..., 2 * num_encodings + 1]``.
-
-    >>> fourier_encode(torch.zeros(1, 4, 4, 2), num_encodings=8).shape
-    torch.Size([1, 4, 4, 34])
-    """
-    x = x.unsqueeze(-1)
-    scales = 2 ** torch.arange(num_encodings, device=x.device, dtype=x.dtype)
-    encoded = torch.cat([(x / scales).sin(), (x / scales).cos()], dim=-1)
-    if include_self:
-        encoded = torch.cat([encoded, x], dim=-1)
-    return encoded.flatten(start_dim=3) if flatten else encoded
+# 0.9.0's rotary_rel_dist rotates by 100 r_ij: one unit of length is 100 sequence positions.
+ROTARY_DISTANCE_SCALE = 100.0
 
 
 def _irreps_of_degrees(channels: dict[int, int], both_parities: bool) -> o3.Irreps:
@@ -140,10 +129,9 @@ class SE3Transformer(torch.nn.Module):
     attend_sparse_neighbors, max_sparse_neighbors, num_adj_degrees, adj_dim, causal,
     reduce_dim_out, norm_out, differentiable_coors, linear_proj_keys, tie_key_values,
     one_headed_key_values, use_null_kv, global_feats_dim, num_conv_layers, norm_gated_scale,
-    splits, reversible``, each by a variant of :mod:`se3tutor.variants`. Not yet:
-    ``rotary_position, rotary_rel_dist, use_egnn, egnn_weights_clamp_value,
-    egnn_feedforward`` raise ``NotImplementedError`` when given a non-default value
-    (``egnn_hidden_dim`` is accepted; it would only matter with ``use_egnn``).
+    splits, reversible, rotary_position, rotary_rel_dist, use_egnn, egnn_hidden_dim,
+    egnn_weights_clamp_value, egnn_feedforward``, each by a variant of
+    :mod:`se3tutor.variants`, :mod:`se3tutor.rotary` or :mod:`se3tutor.egnn`.
 
     >>> model = SE3Transformer(dim=8, heads=2, dim_head=4, depth=1, num_degrees=2,
     ...                        valid_radius=10)
@@ -190,20 +178,16 @@ class SE3Transformer(torch.nn.Module):
         one_headed_key_values: bool = False,
         tie_key_values: bool = False,
         norm_gated_scale: bool = False,
+        rotary_position: bool = False,
+        rotary_rel_dist: bool = False,
+        use_egnn: bool = False,
         egnn_hidden_dim: int = 32,
+        egnn_weights_clamp_value: Optional[float] = None,
+        egnn_feedforward: bool = False,
         hidden_fiber_dict: Optional[dict] = None,
         out_fiber_dict: Optional[dict] = None,
-        **not_yet,
     ) -> None:
         super().__init__()
-        for name, value in not_yet.items():
-            if name not in _NOT_YET:
-                raise TypeError(f"SE3Transformer got an unexpected keyword argument {name!r}")
-            if value != _NOT_YET[name]:
-                raise NotImplementedError(
-                    f"{name}={value!r} is not implemented by se3tutor.dense yet (only the "
-                    f"default {_NOT_YET[name]!r} is)"
-                )
         if num_degrees is None and hidden_fiber_dict is None:
             raise ValueError("either num_degrees or hidden_fiber_dict must be given")
         if num_edge_tokens is not None and edge_dim is None:
@@ -216,11 +200,16 @@ class SE3Transformer(torch.nn.Module):
             raise ValueError("num_neighbors must be > 0 unless attend_sparse_neighbors is set")
         if reversible and global_feats_dim is not None:
             raise ValueError("reversible and global_feats_dim exclude each other (as in 0.9.0)")
+        if use_egnn and (reversible or global_feats_dim is not None):
+            raise ValueError("use_egnn replaces the attention: no reversible, global_feats_dim")
+        if (reversible or use_egnn) and (rotary_position or rotary_rel_dist):
+            raise NotImplementedError("reversible with rotary embeddings is not implemented yet")
         if splits < 1 or num_conv_layers < 0:
             raise ValueError(
                 f"need splits >= 1, num_conv_layers >= 0; got {splits}, {num_conv_layers}"
             )
 
+        output_degrees = None if use_egnn else output_degrees  # 0.9.0: the hidden degrees
         dims_in = dim_in if isinstance(dim_in, tuple) else (dim_in or dim,) * input_degrees
         self.dims_in = dims_in
         self.dim = dim
@@ -278,12 +267,21 @@ class SE3Transformer(torch.nn.Module):
         if global_feats_dim is not None:
             variants.append(GlobalKeysValues)
             options["global_feats_dim"] = global_feats_dim
+        self.rotary = {"position": rotary_position, "distance": rotary_rel_dist}
+        if rotary_position or rotary_rel_dist:  # first: it rotates what the others compute
+            variants.insert(0, RotaryKeys)
+            options["rotary_positions"] = rotary_position + rotary_rel_dist
         if splits != 4:  # the default computes in one piece, bitwise as before splits existed
             variants.append(ChunkedEdges)
             options["edge_chunks"] = splits
         attention = functools.partial(attention_class(*variants), **options)
         self.global_feats_dim = global_feats_dim
         model_class = ReversibleSE3Transformer if reversible else GraphSE3Transformer
+        if use_egnn:
+            model_class = functools.partial(
+                EGNNTransformer, hidden_dim=egnn_hidden_dim, feed_forward=egnn_feedforward,
+                weights_clamp_value=egnn_weights_clamp_value,
+            )  # fmt: skip
         self.net = model_class(
             self.irreps_in,
             _irreps_of_degrees(hidden, both_parities=True),
@@ -298,7 +296,8 @@ class SE3Transformer(torch.nn.Module):
             attend_self=attend_self,
             attention=attention,
             norm=norm,
-            stem=[functools.partial(ConvolutionBlock, norm=norm)] * num_conv_layers,
+            # with use_egnn, one more: 0.9.0's conv_in, the only source of degrees l > 0 there
+            stem=[functools.partial(ConvolutionBlock, norm=norm)] * (num_conv_layers + use_egnn),
         )
         self.norm = norm(self.irreps_degrees) if norm_out else None
 
@@ -340,12 +339,21 @@ class SE3Transformer(torch.nn.Module):
         pos = coors.reshape(b * n, 3)
         batch = torch.arange(b, device=pos.device).repeat_interleave(n)
         adjacency = self._adjacency(adj_mat, b, n, pos.device)
+        self._check_edges(edges)
         if neighbor_mask is not None and neighbor_mask.shape != (b, n, n):
             raise ValueError(f"neighbor_mask must be [b, n, n], got {tuple(neighbor_mask.shape)}")
-        edge_index, graph, i, j = self._neighbours(
-            pos, batch, mask.reshape(-1), adjacency, neighbor_mask, n
-        )
-        edge_attr = self._edge_features(pos, edge_index, graph, i, j, edges, adjacency)
+        edge_index, graph, i, j = select_neighbours(
+            pos, batch, mask.reshape(-1), n, valid_radius=self.valid_radius,
+            num_neighbors=self.num_neighbors, adjacency=adjacency,
+            attend_sparse_neighbors=self.attend_sparse_neighbors,
+            max_sparse_neighbors=self.max_sparse_neighbors, neighbor_mask=neighbor_mask,
+            causal=self.causal,
+        )  # fmt: skip
+        edge_attr = edge_features(
+            pos, edge_index, (graph, i, j), edges=edges, edge_emb=self.edge_emb,
+            adjacency=adjacency, adj_emb=self.adj_emb,
+            fourier_features=self.rel_dist_num_fourier_features if self.fourier_encode_dist else 0,
+        )  # fmt: skip
 
         out = self.net(
             f,
@@ -354,6 +362,7 @@ class SE3Transformer(torch.nn.Module):
             edge_index=edge_index,
             edge_attr=edge_attr,
             global_feats=global_feats,
+            edge_rotary=self._edge_rotary(pos, edge_index, i, j),
         )
         # Each degree's two parities added: [b * n, irreps_degrees.dim]
         natural, other = out.split(self.irreps_degrees.dim, dim=1)
@@ -424,74 +433,26 @@ class SE3Transformer(torch.nn.Module):
             adj_mat = adj_mat.expand(b, n, n)
         if adj_mat.shape != (b, n, n):
             raise ValueError(f"adj_mat must be [b, n, n] or [n, n], got {tuple(adj_mat.shape)}")
-        bonded = adj_mat.bool().to(device)
-        degree = bonded.long()
-        reached = bonded
-        for hops in range(2, (self.num_adj_degrees or 1) + 1):
-            reached_next = (reached.float() @ bonded.float() > 0) | reached
-            degree = degree.masked_fill(reached_next & ~reached, hops)
-            reached = reached_next
-        return degree.masked_fill(torch.eye(n, dtype=torch.bool, device=device), 0)
+        return adjacency_degrees(adj_mat.to(device), self.num_adj_degrees or 1)
 
-    def _neighbours(self, pos, batch, valid, adjacency, neighbor_mask, n: int):
-        """``edge_index`` (``j -> i``) and, per edge, the graph and local indices ``i, j``.
-
-        Adjacent nodes first (all, or the ``max_sparse_neighbors`` nearest), then the
-        ``num_neighbors`` nearest others within ``valid_radius``; masked nodes, pairs masked
-        by ``neighbor_mask`` (distance neighbours only) and, for ``causal``, later nodes are
-        left out before the nearest are chosen.
-        """
-        num_nodes = pos.shape[0]
-        local = torch.arange(n, device=pos.device).repeat(num_nodes // max(n, 1))
-        pieces = []
-        if self.attend_sparse_neighbors:
-            graph, i, j = adjacency.nonzero(as_tuple=True)
-            sparse = torch.stack([graph * n + j, graph * n + i])
-            sparse = sparse[:, self._allowed(sparse, valid, local)]
-            if math.isfinite(self.max_sparse_neighbors):
-                sparse = _keep_nearest(sparse, pos, int(self.max_sparse_neighbors), num_nodes)
-            pieces.append(sparse)
-        if self.num_neighbors > 0:
-            near = radius_graph(pos, self.valid_radius, batch=batch)
-            keep = self._allowed(near, valid, local)
-            if neighbor_mask is not None:
-                keep &= neighbor_mask[batch[near[1]], local[near[1]], local[near[0]]].bool()
-            if adjacency is not None and self.attend_sparse_neighbors:
-                keep &= adjacency[batch[near[1]], local[near[1]], local[near[0]]] == 0
-            near = near[:, keep]
-            if math.isfinite(self.num_neighbors):
-                near = _keep_nearest(near, pos, int(self.num_neighbors), num_nodes)
-            pieces.append(near)
-        edge_index = torch.cat(pieces, dim=1)
-        return edge_index, batch[edge_index[1]], local[edge_index[1]], local[edge_index[0]]
-
-    def _allowed(self, edge_index, valid, local) -> torch.Tensor:
-        src, dst = edge_index
-        allowed = valid[src] & valid[dst]
-        return allowed & (local[src] < local[dst]) if self.causal else allowed
-
-    def _edge_features(self, pos, edge_index, graph, i, j, edges, adjacency) -> torch.Tensor:
-        """Invariant edge features: the distance (raw, or Fourier-encoded), the edge's token
-        embedding or continuous values, and the embedding of its adjacency degree."""
-        distance = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1, keepdim=True)
-        if self.fourier_encode_dist:
-            distance = fourier_encode(distance, self.rel_dist_num_fourier_features, flatten=False)
-            distance = distance.reshape(len(graph), -1)
-        parts = [distance]
-        if self.edge_dim:
-            if edges is None:
-                raise ValueError("the model was built with edge_dim: pass edges")
-            if self.edge_emb is not None:
-                parts.append(self.edge_emb(edges[graph, i, j]))
-            else:
-                if edges.shape[-1] != self.edge_dim:
-                    raise ValueError(f"edges must be [b, n, n, {self.edge_dim}]")
-                parts.append(edges[graph, i, j].to(pos.dtype))
-        elif edges is not None:
+    def _check_edges(self, edges) -> None:
+        if self.edge_dim and edges is None:
+            raise ValueError("the model was built with edge_dim: pass edges")
+        if not self.edge_dim and edges is not None:
             raise ValueError("edges given, but the model was built without edge_dim")
-        if self.adj_emb is not None:
-            parts.append(self.adj_emb(adjacency[graph, i, j]))
-        return torch.cat(parts, dim=1)
+        if edges is not None and self.edge_emb is None and edges.shape[-1] != self.edge_dim:
+            raise ValueError(f"edges must be [b, n, n, {self.edge_dim}]")
+
+    def _edge_rotary(self, pos, edge_index, i, j) -> Optional[torch.Tensor]:
+        """``[num_edges, k]``: the relative positions of the rotary embeddings, ``j - i`` and
+        ``ROTARY_DISTANCE_SCALE * r_ij`` (as 0.9.0), those the model uses."""
+        parts = []
+        if self.rotary["position"]:
+            parts.append((j - i).to(pos.dtype))
+        if self.rotary["distance"]:
+            distance = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1)
+            parts.append(ROTARY_DISTANCE_SCALE * distance)
+        return torch.stack(parts, dim=1) if parts else None
 
     def _degrees(self, out: torch.Tensor) -> dict:
         """Split ``[b, n, irreps_degrees.dim]`` into ``{"l": [b, n, d, 2l + 1]}`` (degree 0

@@ -43,6 +43,7 @@ class EdgeGeometry(NamedTuple):
     edge_sh: torch.Tensor  # [num_edges, irreps_sh.dim] Y(x_ij / |x_ij|), component norm
     edge_scalars: torch.Tensor  # [num_edges, number_of_basis + edge_attr_dim] radial MLP input
     edge_log_weight: torch.Tensor  # [num_edges] log c(r_ij) of the smooth cutoff
+    edge_rotary: Optional[torch.Tensor] = None  # [num_edges, k] relative positions (rotary.py)
     global_tokens: Optional[GlobalTokens] = None  # only for models given global features
 
 
@@ -199,6 +200,7 @@ class MultiHeadAttention(torch.nn.Module):
         self.register_buffer("head_sum", head_sum.to(torch.get_default_dtype()), persistent=False)
 
     attends_to_global_tokens = False  # see se3tutor.variants.GlobalKeysValues
+    rotary_positions = 0  # relative positions per edge it reads: se3tutor.rotary.RotaryKeys
 
     def key_value_heads(self) -> int:
         """How many heads of keys and values there are (one per query head)."""

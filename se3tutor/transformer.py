@@ -164,7 +164,8 @@ class SE3Transformer(torch.nn.Module):
     (PyTorch Geometric convention: the graph of each node), ``edge_index [2, num_edges]``
     (default: ``radius_graph(pos, max_radius, batch)``), ``edge_attr [num_edges,
     edge_attr_dim]``, ``global_feats [num_graphs, m, global_feats_dim]`` (invariant; for an
-    attention that uses them, see :class:`se3tutor.variants.GlobalKeysValues`) ->
+    attention that uses them, see :class:`se3tutor.variants.GlobalKeysValues`),
+    ``edge_rotary [num_edges, k]`` (relative positions, for :class:`se3tutor.rotary.RotaryKeys`) ->
     ``[num_nodes, irreps_out.dim]``.
 
     >>> model = SE3Transformer("4x0e", hidden_irreps(8, 1), "1x1o", max_radius=2.0,
@@ -249,9 +250,11 @@ class SE3Transformer(torch.nn.Module):
         edge_index: Optional[torch.Tensor] = None,
         edge_attr: Optional[torch.Tensor] = None,
         global_feats: Optional[torch.Tensor] = None,
+        edge_rotary: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
         self._check_edge_attr(edge_attr, edge_index, f)
+        self._check_edge_rotary(edge_rotary, edge_index, f)
         if global_feats is not None:
             self._check_global_feats(global_feats, f)
         if edge_index is None:
@@ -261,6 +264,8 @@ class SE3Transformer(torch.nn.Module):
         edges = edge_geometry(
             pos, edge_index, self.irreps_sh, self.max_radius, self.number_of_basis, edge_attr
         )
+        if edge_rotary is not None:
+            edges = edges._replace(edge_rotary=edge_rotary)
         if global_feats is not None:
             edges = edges._replace(global_tokens=_global_tokens(global_feats, batch, len(f)))
         f = self.embed(f)
@@ -285,6 +290,17 @@ class SE3Transformer(torch.nn.Module):
             )
         if global_feats.device != f.device:
             raise TypeError(f"global_feats must be on {f.device}")
+
+    def _check_edge_rotary(self, edge_rotary, edge_index, f) -> None:
+        wanted = {block.attention.rotary_positions for block in self.blocks} or {0}
+        if wanted != {0 if edge_rotary is None else edge_rotary.shape[-1]}:
+            raise ValueError(f"the attention reads {wanted} relative positions (edge_rotary)")
+        if edge_rotary is None:
+            return
+        if edge_index is None or edge_rotary.shape[0] != edge_index.shape[1]:
+            raise ValueError("edge_rotary must be [num_edges, k] for the edge_index given")
+        if edge_rotary.dtype != f.dtype or edge_rotary.device != f.device:
+            raise TypeError(f"edge_rotary must be {f.dtype} on {f.device}")
 
     def _check_edge_attr(self, edge_attr, edge_index, f) -> None:
         if self.edge_attr_dim == 0:

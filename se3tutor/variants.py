@@ -14,6 +14,9 @@ behaviours, which :class:`se3tutor.transformer.SE3Transformer` takes as ``attent
 - :class:`ChunkedEdges`: the edges' keys and values computed in chunks, each recomputed in
   the backward pass, for a lower peak memory.
 
+More attention variants: :class:`se3tutor.rotary.RotaryKeys` (rotary embeddings); another
+trunk: :class:`se3tutor.egnn.EGNNTransformer` (E(n)-GNN layers).
+
 Other blocks: :class:`GatedScaleLayerNorm` (norm whose gains depend on the node's norms),
 :class:`ConvolutionBlock` (a convolution layer, for a stem before the attention blocks) and
 :class:`ReversibleSE3Transformer` (reversible residual blocks).
@@ -172,7 +175,8 @@ class ChunkedEdges(MultiHeadAttention):
         self.edge_chunks = edge_chunks
 
     def edge_keys_values(self, f: torch.Tensor, edges: EdgeGeometry):
-        pieces = zip(*(t.tensor_split(self.edge_chunks) for t in edges[:5]))
+        n = self.edge_chunks  # the per-edge tensors in chunks; the rest (None, tokens) as they are
+        pieces = zip(*(t.tensor_split(n) if torch.is_tensor(t) else [t] * n for t in edges))
         keys, values = zip(*(self._chunk(f, EdgeGeometry(*piece)) for piece in pieces))
         return torch.cat(keys), torch.cat(values)
 
@@ -336,6 +340,8 @@ class ReversibleSE3Transformer(SE3Transformer):
     def trunk(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
         if edges.global_tokens is not None:
             raise ValueError("reversible blocks do not take global features (as in 0.9.0)")
+        if edges.edge_rotary is not None:
+            raise ValueError("reversible blocks do not take rotary embeddings yet")
         params = list(self.blocks.parameters())
         x1, x2 = _ReversibleBlocks.apply(self.blocks, edges[:2], f, f, *edges[2:5], *params)
         return (x1 + x2) / 2

@@ -266,9 +266,7 @@ def test_num_positions_breaks_permutation_invariance_on_purpose():
         model(*inputs(dim=8, n=N + 1))
 
 
-def test_unimplemented_keywords_raise_instead_of_being_ignored():
-    with pytest.raises(NotImplementedError, match="use_egnn"):
-        SE3Transformer(dim=8, num_degrees=2, use_egnn=True)
+def test_unknown_keywords_raise_instead_of_being_ignored():
     with pytest.raises(TypeError, match="unexpected keyword"):
         SE3Transformer(dim=8, num_degrees=2, heads_per_layer=3)
     SE3Transformer(dim=8, num_degrees=2, reversible=False, splits=4)  # defaults are fine
@@ -536,3 +534,82 @@ def test_reversible_gives_the_outputs_and_gradients_of_its_equations_without_sto
     assert_equivariant(small_model(depth=2, reversible=True))
     with pytest.raises(ValueError, match="exclude"):
         SE3Transformer(**SMALL, reversible=True, global_feats_dim=4)
+
+
+def test_rotary_position_makes_the_output_depend_on_relative_order_and_stay_equivariant():
+    plain, rotary = small_model(), small_model(rotary_position=True)
+    assert num_params(rotary) == num_params(plain)  # rotations, no parameters
+    feats, coors, mask = inputs(dim=8, dtype=torch.float64)
+    out = rotary(feats, coors, mask)
+    perm = torch.randperm(N)
+    permuted = rotary(feats[:, perm], coors[:, perm], mask)
+    assert (permuted["1"] - out["1"][:, perm]).abs().max() > 1e-3  # not just permuted
+    # Only j - i matters: a masked node in front moves every position up by one.
+    front = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x], dim=1)  # noqa: E731
+    shifted = rotary(front(feats), front(coors), front(mask))
+    for degree in out:
+        torch.testing.assert_close(shifted[degree][:, 1:], out[degree])
+    assert_equivariant(rotary)
+
+
+def test_rotary_rel_dist_changes_the_output_and_keeps_it_permutation_and_rotation_equivariant():
+    plain, rotary = small_model(), small_model(rotary_rel_dist=True)
+    feats, coors, mask = inputs(dim=8, dtype=torch.float64)
+    out = rotary(feats, coors, mask)
+    assert (out["1"] - plain(feats, coors, mask)["1"]).abs().max() > 1e-3
+    perm = torch.randperm(N)
+    torch.testing.assert_close(rotary(feats[:, perm], coors[:, perm], mask)["1"], out["1"][:, perm])
+    assert_equivariant(rotary)
+    assert_equivariant(small_model(rotary_position=True, rotary_rel_dist=True, dim_head=8))
+    with pytest.raises(ValueError, match="0e block of at least 4"):  # 2 0e channels per head
+        small_model(rotary_position=True, rotary_rel_dist=True)
+
+
+def egnn_model(**kwargs):
+    """An EGNN model whose layers have random weights of order 1 (they start at 1e-3)."""
+    model = small_model(use_egnn=True, **kwargs)
+    with torch.no_grad():
+        for p in model.net.layers.parameters():
+            p.normal_()
+    return model
+
+
+def test_use_egnn_runs_egnn_layers_on_every_degree_equivariantly():
+    model = egnn_model()
+    assert len(model.net.layers) == SMALL["depth"] and len(model.net.blocks) == 0
+    feats, coors, mask = inputs(dim=8, dtype=torch.float64)
+    out = model(feats, coors, mask)
+    assert min(value.abs().max() for value in out.values()) > 1e-3
+    assert_equivariant(model)
+
+
+def test_egnn_weights_clamp_value_bounds_the_weights_of_the_feature_updates():
+    feats, coors, mask = inputs(dim=8, dtype=torch.float64)
+
+    def output(bias, **kwargs):
+        model = egnn_model(**kwargs)
+        with torch.no_grad():  # phi_x(m_ij) = bias: all weights at the clamp, or far beyond
+            model.net.layers[0].weight_mlp[-1].weight.zero_()
+            model.net.layers[0].weight_mlp[-1].bias.fill_(bias)
+        return model(feats, coors, mask)["1"]
+
+    torch.testing.assert_close(
+        output(1.0, egnn_weights_clamp_value=1.0), output(50.0, egnn_weights_clamp_value=1.0)
+    )
+    assert (output(1.0) - output(50.0)).abs().max() > 1e-3
+
+
+def test_egnn_feedforward_adds_a_feed_forward_block_after_every_layer():
+    plain, model = egnn_model(depth=2), egnn_model(depth=2, egnn_feedforward=True)
+    assert len(model.net.feed_forwards) == 2 and len(plain.net.feed_forwards) == 0
+    assert num_params(model) - num_params(plain) == num_params(model.net.feed_forwards)
+    feats, coors, mask = inputs(dim=8, dtype=torch.float64)
+    assert (model(feats, coors, mask)["1"] - plain(feats, coors, mask)["1"]).abs().max() > 1e-6
+    assert_equivariant(model)
+
+
+def test_egnn_hidden_dim_is_the_width_of_the_messages():
+    for hidden in (8, 16):
+        layer = small_model(use_egnn=True, egnn_hidden_dim=hidden).net.layers[0]
+        assert layer.edge_mlp[-2].out_features == hidden == layer.weight_mlp[0].in_features
+        assert layer.node_mlp[0].in_features == layer.node_norm.normalized_shape[0] + hidden
