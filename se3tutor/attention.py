@@ -30,6 +30,7 @@ from se3tutor.graph import (
     scatter,
     segment_softmax,
 )
+from se3tutor.multihead import sqrt_flat_at_zero
 from se3tutor.radial import embed_edge_length, log_smooth_cutoff, radial_mlp
 
 __all__ = ["EquivariantAttention"]
@@ -139,6 +140,7 @@ class EquivariantAttention(torch.nn.Module):
         logits = self.dot(q[edge_dst], k)  # [num_edges, 1]
         alpha = segment_softmax(logits, edge_dst, f.shape[0], log_weight=edge_log_weight)
         # sqrt(alpha): the alphas of a centre sum to 1, so sum_j (sqrt(alpha_ij))^2 = 1 and the
-        # output keeps the values' second moment (book: Attention). relu has gradient 0 at
-        # alpha = 0 (edges at the cutoff), which stops sqrt's infinite slope there.
-        return scatter(alpha.relu().sqrt() * v, edge_dst, dim=0, dim_size=f.shape[0])
+        # output keeps the values' second moment (book: Attention). alpha is exactly 0 where
+        # c(r) underflows; there sqrt's slope is infinite, so it is evaluated flat at 0 (with
+        # relu().sqrt() the first derivative is 0 but the second, for a force loss, is NaN).
+        return scatter(sqrt_flat_at_zero(alpha) * v, edge_dst, dim=0, dim_size=f.shape[0])

@@ -23,6 +23,7 @@ __all__ = [
     "KeysValues",
     "MultiHeadAttention",
     "edge_geometry",
+    "sqrt_flat_at_zero",
 ]
 
 
@@ -125,7 +126,7 @@ def _heads_side_by_side(irreps_head: o3.Irreps, num_heads: int) -> o3.Irreps:
     return o3.Irreps([(num_heads * mul, ir) for mul, ir in irreps_head])
 
 
-def _sqrt_flat_at_zero(alpha: torch.Tensor) -> torch.Tensor:
+def sqrt_flat_at_zero(alpha: torch.Tensor) -> torch.Tensor:
     """``sqrt(alpha)`` for ``alpha > 0`` and 0 elsewhere, with every derivative 0 at 0.
 
     ``alpha.relu().sqrt()`` (the Attention chapter) has a zero first derivative at 0, but a
@@ -214,7 +215,7 @@ class MultiHeadAttention(torch.nn.Module):
         logits = (q[kv.dst] * k) @ self.head_sum  # [num_keys, heads]
         alpha = segment_softmax(logits, kv.dst, num_nodes, log_weight=kv.log_weight)
         # sqrt(alpha) keeps the second moment of the values (book: Attention).
-        weighted = _sqrt_flat_at_zero(alpha)[:, self.head_of] * v
+        weighted = sqrt_flat_at_zero(alpha)[:, self.head_of] * v
         return self.h_o(scatter(weighted, kv.dst, dim=0, dim_size=num_nodes))
 
     def messages(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:

@@ -9,18 +9,23 @@ The per-atom energies :math:`\varepsilon_i` are the invariant (``0e``) outputs o
 reference energies and :math:`s` a scale (both fitted to the data by
 :meth:`EnergyModel.fit_reference`). Because :math:`E` is invariant, the forces, its negative
 gradient, rotate with the structure; because the model is smooth at the cutoff, so are they.
+
+:func:`train_energy_model` fits a model to structures with energies and forces (ase ``Atoms``,
+e.g. from :func:`se3tutor.data.emt_clusters`); :func:`predict` evaluates it on them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
+from se3tutor.data import collate
 from se3tutor.graph import scatter
 from se3tutor.transformer import SE3Transformer
 
-__all__ = ["EnergyModel"]
+__all__ = ["EnergyModel", "predict", "train_energy_model"]
 
 
 class EnergyModel(torch.nn.Module):
@@ -30,6 +35,8 @@ class EnergyModel(torch.nn.Module):
         species: the atomic numbers the model knows, e.g. ``[29]`` for copper.
         irreps_hidden, max_radius, num_layers, num_heads, **options: of the
             :class:`se3tutor.SE3Transformer` that gives the per-atom energies.
+        transformer: the model class (or a factory with its arguments), e.g. a variant of
+            :class:`se3tutor.SE3Transformer` with another radial part.
 
     ``forward(pos, species_index, batch, num_graphs)`` returns ``(energy [num_graphs],
     forces [N, 3])``; the forces are differentiable (for a force loss) when training.
@@ -48,12 +55,13 @@ class EnergyModel(torch.nn.Module):
         max_radius: float,
         num_layers: int = 2,
         num_heads: int = 2,
+        transformer: Callable[..., torch.nn.Module] = SE3Transformer,
         **options,
     ) -> None:
         super().__init__()
         self.species = [int(z) for z in species]
         self.max_radius = max_radius
-        self.transformer = SE3Transformer(
+        self.transformer = transformer(
             f"{len(self.species)}x0e",
             irreps_hidden,
             "1x0e",
@@ -85,10 +93,107 @@ class EnergyModel(torch.nn.Module):
         """Least-squares per-species energies :math:`e_Z` (energy ~ sum of atom counts times
         :math:`e_Z`) and the scale :math:`s` = RMS of what they leave unexplained per atom,
         so that the network learns an order-one correction."""
-        counts = torch.zeros(num_graphs, len(self.species), dtype=energy.dtype)
+        counts = energy.new_zeros(num_graphs, len(self.species))
         counts.index_put_((batch, species_index), torch.ones_like(batch, dtype=energy.dtype), True)
         reference = torch.linalg.lstsq(counts, energy[:, None]).solution[:, 0]
         residual = energy - counts @ reference
         atoms_per_graph = counts.sum(dim=1)
         self.reference.copy_(reference)
         self.scale.copy_((residual / atoms_per_graph.sqrt()).pow(2).mean().sqrt().clamp(min=1e-3))
+
+
+def _batches(structures: Sequence, batch_size: int, generator=None):
+    """``structures`` in batches of ``batch_size`` (the last one smaller), shuffled if a
+    ``generator`` is given."""
+    if generator is None:
+        order = torch.arange(len(structures))
+    else:
+        order = torch.randperm(len(structures), generator=generator)
+    for start in range(0, len(structures), batch_size):
+        yield [structures[int(i)] for i in order[start : start + batch_size]]
+
+
+def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16):
+    """The model's energies ``[len(structures)]`` (eV) and forces ``[num_atoms, 3]`` (eV/Å),
+    the atoms of all structures one after the other, as float64 tensors on the CPU.
+
+    >>> from se3tutor.data import emt_clusters
+    >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
+    >>> energy, forces = predict(model, emt_clusters(3, shells=(2,)))
+    >>> energy.shape, forces.shape
+    (torch.Size([3]), torch.Size([39, 3]))
+    """
+    parameter = next(model.parameters())
+    model.eval()
+    energies, forces = [], []
+    for batch in _batches(structures, batch_size):
+        data = collate(batch, model.species, parameter.dtype)
+        data = {key: value.to(parameter.device) for key, value in data.items()}
+        energy, force = model(data["pos"], data["species_index"], data["batch"], len(batch))
+        energies.append(energy.detach().double().cpu())
+        forces.append(force.detach().double().cpu())
+    return torch.cat(energies), torch.cat(forces)
+
+
+def train_energy_model(
+    model: EnergyModel,
+    structures: Sequence,
+    epochs: int,
+    batch_size: int = 8,
+    lr: float = 5e-3,
+    force_weight: float = 1.0,
+    seed: int = 0,
+) -> list:
+    r"""Fit ``model`` to the energies and forces of ``structures`` (book: Learning an
+    interatomic potential); returns the mean training loss of every epoch.
+
+    First :meth:`EnergyModel.fit_reference` on all of ``structures``; then Adam, ``epochs``
+    passes over the shuffled structures (``seed``), the learning rate decaying from ``lr`` to
+    0 along a cosine, on
+
+    .. math:: L = \frac{1}{B} \sum_b \Big(\frac{\hat E_b - E_b}{N_b}\Big)^2
+              + \lambda\, \frac{1}{3N} \sum_{i} \|\hat F_i - F_i\|^2
+
+    (eV²/atom² and eV²/Å², :math:`\lambda` = ``force_weight``), with :math:`N_b` the atoms
+    of structure :math:`b`. Deterministic for a given ``seed`` on the CPU with one thread.
+
+    >>> from se3tutor.data import emt_clusters
+    >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
+    >>> losses = train_energy_model(model, emt_clusters(4, shells=(2,)), epochs=2)
+    >>> len(losses)
+    2
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
+    parameter = next(model.parameters())
+    everything = collate(structures, model.species, parameter.dtype)
+    model.fit_reference(
+        everything["species_index"].to(parameter.device),
+        everything["batch"].to(parameter.device),
+        everything["energy"].to(parameter.device),
+        num_graphs=len(structures),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = -(-len(structures) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for batch in _batches(structures, batch_size, generator):
+            data = collate(batch, model.species, parameter.dtype)
+            data = {key: value.to(parameter.device) for key, value in data.items()}
+            energy, forces = model(data["pos"], data["species_index"], data["batch"], len(batch))
+            atoms_per_graph = torch.bincount(data["batch"], minlength=len(batch))
+            energy_loss = ((energy - data["energy"]) / atoms_per_graph).pow(2).mean()
+            force_loss = (forces - data["forces"]).pow(2).mean()
+            loss = energy_loss + force_weight * force_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.detach() * len(batch)
+        losses.append(float(total) / len(structures))
+    model.eval()
+    return losses

@@ -247,3 +247,17 @@ def test_attention_gradients_are_finite_where_the_cutoff_weight_underflows(dtype
     f, _ = random_inputs(att, num_nodes=2)
     pos = torch.tensor([[0.0, 0.0, 0.0], [fraction * MAX_RADIUS, 0.0, 0.0]], dtype=dtype)
     assert gradients_are_finite(att, f, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])
+def test_attention_force_loss_gradients_are_finite_where_alpha_is_zero(dtype):
+    # Next to a near neighbour, one just inside the cutoff has alpha = 0 in float32; a force
+    # loss differentiates twice, and relu().sqrt() has a NaN second derivative at 0.
+    att = build_layer("attention", dtype)
+    f, _ = random_inputs(att, num_nodes=3)
+    pos = torch.tensor(
+        [[0.0, 0, 0], [0.4 * MAX_RADIUS, 0, 0], [0, 0.9995 * MAX_RADIUS, 0]], requires_grad=True
+    )
+    (force,) = torch.autograd.grad(att(f, pos).sum(), pos, create_graph=True)
+    grads = torch.autograd.grad(force.pow(2).sum(), list(att.parameters()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)

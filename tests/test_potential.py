@@ -11,7 +11,8 @@ from e3nn import o3
 from se3tutor.calculator import SE3Calculator
 from se3tutor.checks import default_dtype
 from se3tutor.data import check_structures, collate, emt_clusters
-from se3tutor.potential import EnergyModel
+from se3tutor.potential import EnergyModel, predict, train_energy_model
+from se3tutor.transformer import SE3Transformer
 
 
 def small_model(dtype=torch.float32):
@@ -107,3 +108,46 @@ def test_the_calculator_runs_ase_dynamics_on_the_model():
     atoms.numbers[0] = 1  # hydrogen: not a species of the model
     with pytest.raises(ValueError, match="unknown to the model"):
         atoms.get_potential_energy()
+
+
+def test_training_lowers_the_loss_and_repeats_for_a_seed():
+    structures = emt_clusters(6, shells=(2,), seed=7)
+
+    def train():
+        torch.manual_seed(0)
+        model = small_model()
+        return model, train_energy_model(model, structures, epochs=3, batch_size=2, lr=1e-2)
+
+    model, losses = train()
+    _, losses_again = train()
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert losses == losses_again
+    assert not model.training  # left ready for evaluation
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        train_energy_model(model, structures, epochs=0)
+
+
+def test_predict_gives_each_structure_what_the_model_gives_it_alone():
+    structures = emt_clusters(3, shells=(2, 3), seed=8)
+    model = small_model()
+    energy, forces = predict(model, structures, batch_size=2)
+    assert energy.dtype == forces.dtype == torch.float64
+    assert forces.shape == (sum(len(atoms) for atoms in structures), 3)
+    first = 0
+    for index, atoms in enumerate(structures):
+        alone = collate([atoms], [29, 78])
+        e, f = model(alone["pos"], alone["species_index"], alone["batch"], num_graphs=1)
+        torch.testing.assert_close(energy[index], e[0].double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            forces[first : first + len(atoms)], f.double(), rtol=1e-4, atol=1e-5
+        )
+        first += len(atoms)
+
+
+def test_energy_model_builds_the_transformer_it_is_given():
+    class Variant(SE3Transformer):
+        pass
+
+    model = EnergyModel([29], "8x0e", max_radius=4.0, num_layers=1, transformer=Variant)
+    assert type(model.transformer) is Variant
+    assert type(small_model().transformer) is SE3Transformer
