@@ -1,15 +1,17 @@
 # The two commands of the README:
 #   make book   build the book (own virtual environment, executes every chapter)
 #   make test   run every test (lint, unit and doctests on both graph backends, notebooks
-#               under nbval, the benchmark smoke run, and the book build)
-# Both set up everything they need on a fresh machine.
+#               under nbval, the benchmark smoke run, the book build, the book in a browser,
+#               and the chapters in a Colab-like environment)
+# Both set up everything they need on a fresh machine (but the system packages that
+# .ci/run installs: Chromium and ChromeDriver for browser-check).
 
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 NBVAL := --nbval --nbval-sanitize-with book/nbval_sanitize.cfg
 
-.PHONY: book test lint unit notebooks bench-smoke clean
+.PHONY: book test lint unit notebooks bench-smoke browser-check colab-check clean
 
 # The environment for the book and the tests (torch pinned to the CPU build, see README).
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -24,7 +26,21 @@ $(VENV)/.installed-pyg: $(VENV)/.installed requirements-pyg.txt
 	$(BIN)/pip install --quiet --no-build-isolation -r requirements-pyg.txt
 	touch $@
 
-book: $(VENV)/.installed
+# MathJax 3 is served with the book, so that the math renders offline: installed from the
+# npm registry at build time (not committed), its es5/ bundle staged in _build/static, which
+# _config.yml gives Sphinx as a static path (pages load _static/mathjax/tex-mml-chtml.js).
+MATHJAX_VERSION ?= 3.2.2
+MATHJAX_STAMP := _build/npm/.mathjax-$(MATHJAX_VERSION)
+
+$(MATHJAX_STAMP):
+	npm install --prefix _build/npm --no-save --no-audit --no-fund --loglevel=error \
+		mathjax@$(MATHJAX_VERSION)
+	rm -rf _build/static/mathjax
+	mkdir -p _build/static
+	cp -R _build/npm/node_modules/mathjax/es5 _build/static/mathjax
+	touch $@
+
+book: $(VENV)/.installed $(MATHJAX_STAMP)
 	rm -rf _build/html _build/.doctrees
 	$(BIN)/jupyter-book build . -n -W --keep-going
 	test -f _build/html/index.html
@@ -48,7 +64,19 @@ bench-smoke: $(VENV)/.installed-pyg
 	$(BIN)/python bench/transformer.py --smoke
 	$(BIN)/python bench/peer.py --smoke
 
-test: lint unit notebooks bench-smoke book
+# Every chapter page of the built book in headless Chromium (ci/browser_check.py): the math
+# rendered, every figure loaded, the Colab and Binder buttons there; screenshots in
+# _build/screenshots. First the checker's own tests on small hand-made pages.
+browser-check: book
+	$(BIN)/pytest -q ci/test_browser_check.py
+	$(BIN)/python ci/browser_check.py
+
+# Every chapter in a Colab-like environment of its own (.venv-colab: another torch release,
+# the newest e3nn, se3tutor without its optional compiled extras); see ci/colab_env.sh.
+colab-check:
+	PYTHON=$(PYTHON) bash ci/colab_env.sh
+
+test: lint unit notebooks bench-smoke book browser-check colab-check
 
 clean:
-	rm -rf _build $(VENV) .venv-peer
+	rm -rf _build $(VENV) .venv-peer .venv-colab

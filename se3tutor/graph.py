@@ -414,7 +414,10 @@ def segment_softmax(
         scores = logits + _bcast(log_weight, logits)  # -inf: the edge does not count
         shift = scatter(scores.detach(), index, dim=0, dim_size=dim_size, reduce="max")
         shift = shift.nan_to_num(neginf=0.0)  # destinations without any counted edge
-        numerator = torch.exp((scores - shift[index]).clamp(max=0.0))
+        shifted = scores - shift[index]
+        # Not .clamp(max=0): since torch 2.14 its gradient at the bound is 0, and the largest
+        # score of every destination sits exactly there.
+        numerator = torch.exp(torch.where(shifted > 0, torch.zeros_like(shifted), shifted))
         z = scatter(numerator, index, dim=0, dim_size=dim_size)
         z = torch.where(z == 0, torch.ones_like(z), z)
         return numerator / z[index]
@@ -426,7 +429,8 @@ def segment_softmax(
     shift = shift.nan_to_num(neginf=0.0)  # the max-free slots of all-zero-weight destinations
     # Weighted edges have logits <= shift; the clamp only touches zero-weight edges, whose
     # exp could otherwise overflow to inf and give 0 * inf = nan.
-    numerator = torch.exp((logits - shift[index]).clamp(max=0.0))
+    shifted = logits - shift[index]
+    numerator = torch.exp(torch.where(shifted > 0, torch.zeros_like(shifted), shifted))
     if weight is not None:
         numerator = _bcast(weight, logits) * numerator
     z = scatter(numerator, index, dim=0, dim_size=dim_size)
