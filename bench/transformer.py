@@ -8,6 +8,14 @@ subprocess (peak memory of its own: resident set size growth on the CPU,
 of edges: constant when the cost is linear in the edges; the slope of log(time) against
 log(edges) is printed at the end (1 = linear).
 
+On the CPU the per-edge temporaries of a million-edge graph are gigabytes each, and glibc's
+malloc maps every block above 32 MB freshly from the kernel and unmaps it when freed: the page
+faults (system time) then cost more than the arithmetic. The cases therefore run with glibc's
+heap kept (``MALLOC_MMAP_MAX_=0``, a large ``MALLOC_TRIM_THRESHOLD_``), which makes the
+allocator reuse memory the way PyTorch's CUDA caching allocator does; ``--system-malloc``
+runs them with the default instead, to see the difference. (Use the same environment
+variables for large graphs on the CPU.)
+
     python bench/transformer.py                 # 1e3 .. 1e5 points
     python bench/transformer.py --smoke         # 1e3 points only (CI)
     python bench/transformer.py --device cuda
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -60,6 +69,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="glibc's default malloc settings"
+    )
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -70,9 +82,13 @@ def main() -> None:
 
     sizes = [1000] if args.smoke else [1000, 3000, 10000, 30000, 100000]
     repeats = 1 if args.smoke else args.repeats
+    environment = dict(os.environ)
+    if not args.system_malloc:
+        environment.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**36))
     print(
         f"SE3Transformer forward + backward, {args.device}, {args.threads} threads, "
-        f"~{args.neighbors:g} neighbours per point, best of {repeats}"
+        f"~{args.neighbors:g} neighbours per point, best of {repeats}, "
+        f"{'default' if args.system_malloc else 'heap-keeping'} malloc"
     )
     print(f"{'points':>8}{'edges':>10}{'seconds':>10}{'peak MB':>10}{'us / edge':>11}")
     results = []
@@ -81,7 +97,7 @@ def main() -> None:
             sys.executable, __file__, "--case", str(size), "--neighbors", str(args.neighbors),
             "--device", args.device, "--repeats", str(repeats), "--threads", str(args.threads),
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=environment)
         if done.returncode != 0:
             raise SystemExit(f"{size} points failed:\n{done.stderr}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
