@@ -22,6 +22,7 @@ variable ``SE3TUTOR_BACKEND=torch|pyg``. Both give the same edge sets and the sa
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Optional
 
@@ -408,33 +409,24 @@ def segment_softmax(
     ...                 log_weight=torch.tensor([0.0, -float("inf"), -100.0]))
     tensor([1., 0., 1.])
     """
-    if log_weight is not None:
-        if weight is not None:
-            raise ValueError("segment_softmax: give weight or log_weight, not both")
-        scores = logits + _bcast(log_weight, logits)  # -inf: the edge does not count
-        shift = scatter(scores.detach(), index, dim=0, dim_size=dim_size, reduce="max")
-        shift = shift.nan_to_num(neginf=0.0)  # destinations without any counted edge
-        shifted = scores - shift[index]
-        # Not .clamp(max=0): since torch 2.14 its gradient at the bound is 0, and the largest
-        # score of every destination sits exactly there.
-        numerator = torch.exp(torch.where(shifted > 0, torch.zeros_like(shifted), shifted))
-        z = scatter(numerator, index, dim=0, dim_size=dim_size)
-        z = torch.where(z == 0, torch.ones_like(z), z)
-        return numerator / z[index]
-    # Edges with zero weight contribute nothing, so they must not set the shift either.
-    shift_source = (
-        logits if weight is None else logits.masked_fill(_bcast(weight, logits) == 0, float("-inf"))
+    if weight is not None and log_weight is not None:
+        raise ValueError("segment_softmax: give weight or log_weight, not both")
+    scores = logits if log_weight is None else logits + _bcast(log_weight, logits)
+    # Edges that do not count (weight 0, log weight -inf) must not set the shift either.
+    counted = (
+        scores if weight is None else scores.masked_fill(_bcast(weight, logits) == 0, -math.inf)
     )
-    shift = scatter(shift_source.detach(), index, dim=0, dim_size=dim_size, reduce="max")
-    shift = shift.nan_to_num(neginf=0.0)  # the max-free slots of all-zero-weight destinations
-    # Weighted edges have logits <= shift; the clamp only touches zero-weight edges, whose
-    # exp could otherwise overflow to inf and give 0 * inf = nan.
-    shifted = logits - shift[index]
+    shift = scatter(counted.detach(), index, dim=0, dim_size=dim_size, reduce="max")
+    shift = shift.nan_to_num(neginf=0.0)  # destinations without any counted edge
+    # Counted edges have scores <= shift; the cap only touches zero-weight edges, whose exp
+    # could otherwise overflow to inf and give 0 * inf = nan. Not .clamp(max=0): since torch
+    # 2.14 its gradient at the bound is 0, and the largest score of every destination sits there.
+    shifted = scores - shift[index]
     numerator = torch.exp(torch.where(shifted > 0, torch.zeros_like(shifted), shifted))
     if weight is not None:
         numerator = _bcast(weight, logits) * numerator
     z = scatter(numerator, index, dim=0, dim_size=dim_size)
-    z = torch.where(z == 0, torch.ones_like(z), z)  # 0/0 when every weight is exactly 0
+    z = torch.where(z == 0, torch.ones_like(z), z)  # 0/0 when no edge counts
     return numerator / z[index]
 
 
