@@ -7,7 +7,8 @@ with no network) it asserts that:
 
 - the math rendered: MathJax 3 loaded from the book's own files (no CDN), every math element
   holds MathJax output and none of it is a TeX error, and no raw TeX (``$$``, ``\\(``,
-  ``\\[``, ``\\frac``...) is left in the visible text outside code;
+  ``\\[``, ``\\frac``...) is left in the visible text outside code, and no display
+  equation is wider than the text column (the reader would scroll it sideways);
 - every figure (``img``) loaded (``naturalWidth > 0``);
 - no script or stylesheet is fetched from the network (the book reads offline);
 - on a chapter notebook, the launch menu holds the Colab and Binder buttons, with the
@@ -106,7 +107,7 @@ if (result.mathjax && MathJax.startup.document) {
     if (undefinedMacro) result.texErrors.push(`undefined macro ${undefinedMacro[1]}`);
   }
 }
-// Display equations wider than the column: the reader scrolls them sideways (a note).
+// Display equations wider than the column: the reader would have to scroll them sideways.
 result.wideMath = [];
 if (result.mathjax && MathJax.startup.document) {
   for (const item of MathJax.startup.document.math) {
@@ -360,7 +361,7 @@ def check_page(
                 f"first: {info['unrendered'][:3]}"
             )
     for wide in info["wideMath"]:
-        report.notes.append(f"display math wider than the column, {wide}")
+        report.problems.append(f"display math wider than the column, {wide}")
     for family in info["fontErrors"]:
         report.problems.append(f"font not loaded: {family}")
     for error in info["texErrors"]:

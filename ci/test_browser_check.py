@@ -105,6 +105,14 @@ def test_a_tex_error_fails(driver, tmp_path):
     assert "TeX error in the math: undefined macro \\bm" in problems
 
 
+def test_display_math_wider_than_its_column_fails(driver, tmp_path):
+    terms = " + ".join(f"\\alpha_{{{i}}} v_{{{i}}}" for i in range(40))
+    body = f'<div style="width: 300px"><div class="math">\\[{terms}\\]</div></div>' + DISPLAY
+    report, problems = check(driver, page(tmp_path, body))
+    assert len(report.problems) == 1, problems
+    assert "display math wider than the column" in problems and "alpha_{0}" in problems
+
+
 def test_a_missing_figure_fails(driver, tmp_path):
     body = '<img src="figure.png"><img src="_images/gone.png">'
     report, problems = check(driver, page(tmp_path, body))

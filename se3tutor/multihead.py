@@ -16,6 +16,7 @@ from e3nn import o3
 
 from se3tutor.graph import edge_vectors, scatter, segment_softmax
 from se3tutor.radial import embed_edge_length, log_smooth_cutoff, radial_mlp
+from se3tutor.tensor_product import DepthwiseTensorProduct
 
 __all__ = [
     "EdgeGeometry",
@@ -77,36 +78,6 @@ def edge_geometry(
         edge_weight = edge_log_weight.exp()[:, None]  # c(r)
         edge_scalars = torch.cat([edge_scalars, edge_attr * edge_weight], dim=1)
     return EdgeGeometry(edge_src, edge_dst, edge_sh, edge_scalars, edge_log_weight)
-
-
-def _depthwise_tensor_product(irreps_node, irreps_sh, irreps_targets) -> o3.TensorProduct:
-    """``f_j (x) Y`` channel by channel ("uvu"): every channel u of every irrep of ``f_j`` times
-    every harmonic, kept where the product's irrep appears in ``irreps_targets``; one weight
-    per (channel, path) and edge. Far fewer per-edge weights than a fully connected product,
-    whose (channel in, channel out) weights per edge are what make large graphs run out of
-    memory; the channels are mixed afterwards by a linear map shared by all edges.
-    """
-    wanted = {ir for _, ir in o3.Irreps(irreps_targets)}
-    paths = [
-        (ir_out, i_in, i_sh, mul)
-        for i_in, (mul, ir_in) in enumerate(irreps_node)
-        for i_sh, (_, ir_sh) in enumerate(irreps_sh)
-        for ir_out in ir_in * ir_sh
-        if ir_out in wanted
-    ]
-    # Outputs of equal irreps side by side: their concatenation is one block of
-    # ``irreps_out.simplify()``, and a linear map on few large blocks is much faster.
-    paths.sort(key=lambda path: path[0])
-    irreps_mid = [(mul, ir_out) for ir_out, _, _, mul in paths]
-    instructions = [(i_in, i_sh, k, "uvu", True) for k, (_, i_in, i_sh, _) in enumerate(paths)]
-    return o3.TensorProduct(
-        irreps_node,
-        irreps_sh,
-        o3.Irreps(irreps_mid),
-        instructions,
-        shared_weights=False,
-        internal_weights=False,
-    )
 
 
 class KeysValues(NamedTuple):
@@ -178,7 +149,7 @@ class MultiHeadAttention(torch.nn.Module):
         self.irreps_kv = _heads_side_by_side(self.irreps_head, self.key_value_heads())
 
         self.h_q = o3.Linear(self.irreps_node, self.irreps_heads)
-        self.tp = _depthwise_tensor_product(self.irreps_node, o3.Irreps(irreps_sh), irreps_head)
+        self.tp = DepthwiseTensorProduct(self.irreps_node, irreps_sh, irreps_head)
         self.fc = radial_mlp(
             number_of_edge_scalars, radial_hidden, self.tp.weight_numel, torch.nn.functional.silu
         )

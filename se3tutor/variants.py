@@ -37,10 +37,10 @@ from se3tutor.multihead import (
     EdgeGeometry,
     KeysValues,
     MultiHeadAttention,
-    _depthwise_tensor_product,
 )
 from se3tutor.norm import EquivariantLayerNorm
 from se3tutor.radial import radial_mlp
+from se3tutor.tensor_product import DepthwiseTensorProduct
 from se3tutor.transformer import SE3Transformer, node_layer_norm
 
 __all__ = [
@@ -244,7 +244,7 @@ class ConvolutionBlock(torch.nn.Module):
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)
         self.norm = norm(self.irreps_node)
-        self.tp = _depthwise_tensor_product(self.irreps_node, o3.Irreps(irreps_sh), irreps_node)
+        self.tp = DepthwiseTensorProduct(self.irreps_node, irreps_sh, irreps_node)
         self.fc = radial_mlp(
             number_of_edge_scalars, radial_hidden, self.tp.weight_numel, torch.nn.functional.silu
         )

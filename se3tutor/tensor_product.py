@@ -1,0 +1,194 @@
+r"""The depthwise tensor product of the transformer's keys and values (book: The
+SE(3)-Transformer), on e3nn or, on a GPU, on NVIDIA's cuequivariance kernels.
+
+.. math:: m^{p}_{u} = w^{p}_u\, \big(x^{(l_1)}_{u} \otimes Y^{(l_2)}\big)^{(l)}
+
+for every path :math:`p = (l_1, l_2 \to l)` and channel :math:`u`: each channel of the node
+features is multiplied with the edge's harmonics on its own ("uvu"), with one weight per
+channel, path and edge. :class:`DepthwiseTensorProduct` *is* the e3nn product
+(an ``o3.TensorProduct``: same weights, same outputs, same ``state_dict``). When
+``cuequivariance-torch`` is installed it can hand the work to
+``cuequivariance_torch.ChannelWiseTensorProduct``, which computes the same product (same path
+order, same normalisation, same weight layout) with fused CUDA kernels::
+
+    pip install cuequivariance-torch cuequivariance-ops-torch-cu12
+
+The backend is an attribute, not a constructor flag, so that every model of the package
+(variants included) switches with one call, :func:`use_backend`. ``"auto"`` (the default)
+uses the kernels for CUDA tensors when both packages are installed, and e3nn otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from e3nn import o3
+
+__all__ = ["BACKENDS", "DepthwiseTensorProduct", "cuequivariance_available", "use_backend"]
+
+BACKENDS = ("auto", "e3nn", "cuequivariance")
+
+
+def cuequivariance_available(kernels: bool = False) -> bool:
+    """Whether ``cuequivariance_torch`` (and, with ``kernels``, its CUDA kernels
+    ``cuequivariance_ops_torch``) can be imported."""
+    modules = ["cuequivariance_torch"] + (["cuequivariance_ops_torch"] if kernels else [])
+    return all(importlib.util.find_spec(name) is not None for name in modules)
+
+
+class DepthwiseTensorProduct(o3.TensorProduct):
+    """``x (x) Y`` channel by channel ("uvu"): every channel u of every irrep of ``x`` times
+    every harmonic, kept where the product's irrep appears in ``irreps_targets``; one weight
+    per (channel, path) and edge. Far fewer per-edge weights than a fully connected product,
+    whose (channel in, channel out) weights per edge are what make large graphs run out of
+    memory; the channels are mixed afterwards by a linear map shared by all edges.
+
+    Outputs of equal irreps are side by side (paths sorted by output irrep), so that
+    ``irreps_out.simplify()`` has few large blocks, which a linear map handles much faster;
+    that is also the order of cuequivariance's channel-wise product.
+
+    ``backend``: ``"auto"``, ``"e3nn"`` or ``"cuequivariance"`` (see the module docstring;
+    ``"cuequivariance"`` also runs on the CPU, through its pure-torch fallback, which is how
+    the tests compare the two).
+
+    Shapes: ``x [num_edges, irreps_node.dim]``, ``y [num_edges, irreps_sh.dim]``,
+    ``weight [num_edges, weight_numel]`` -> ``[num_edges, irreps_out.dim]``.
+
+    >>> tp = DepthwiseTensorProduct("4x0e + 2x1o", "1x0e + 1x1o", "1x0e + 1x1o")
+    >>> tp.irreps_out, tp.weight_numel
+    (4x0e+2x0e+4x1o+2x1o, 12)
+    """
+
+    def __init__(self, irreps_node, irreps_sh, irreps_targets, backend: str = "auto") -> None:
+        irreps_node, irreps_sh = o3.Irreps(irreps_node), o3.Irreps(irreps_sh)
+        targets = sorted({ir for _, ir in o3.Irreps(irreps_targets)})
+        paths = [
+            (ir_out, i_in, i_sh, mul)
+            for i_in, (mul, ir_in) in enumerate(irreps_node)
+            for i_sh, (_, ir_sh) in enumerate(irreps_sh)
+            for ir_out in ir_in * ir_sh
+            if ir_out in targets
+        ]
+        paths.sort(key=lambda path: path[0])  # stable: ties keep the (i_in, i_sh) order
+        irreps_mid = o3.Irreps([(mul, ir_out) for ir_out, _, _, mul in paths])
+        instructions = [(i_in, i_sh, k, "uvu", True) for k, (_, i_in, i_sh, _) in enumerate(paths)]
+        super().__init__(
+            irreps_node,
+            irreps_sh,
+            irreps_mid,
+            instructions,
+            shared_weights=False,
+            internal_weights=False,
+        )
+        self.irreps_targets = targets
+        self.backend = backend
+        # cuequivariance modules by (device, dtype), made when first needed. Not submodules:
+        # they hold no weights, and the state_dict stays that of the e3nn product.
+        self._cuequivariance_ops = {}
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cuequivariance" and not cuequivariance_available():
+            raise ImportError(
+                'backend="cuequivariance" needs cuequivariance-torch: pip install '
+                "cuequivariance-torch cuequivariance-ops-torch-cu12 (the CUDA kernels)"
+            )
+        self._backend = backend
+
+    def uses_cuequivariance(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` runs on cuequivariance."""
+        if self._backend == "auto":
+            return x.is_cuda and cuequivariance_available(kernels=True)
+        return self._backend == "cuequivariance"
+
+    def forward(self, x, y, weight=None):
+        if self.uses_cuequivariance(x):
+            return self._cuequivariance_op(x.device, x.dtype)(x, y, weight)
+        return super().forward(x, y, weight)
+
+    def _cuequivariance_op(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        if key not in self._cuequivariance_ops:
+            self._cuequivariance_ops[key] = _CuequivarianceChannelWise(self, device, dtype)
+        return self._cuequivariance_ops[key]
+
+
+class _CuequivarianceChannelWise(torch.nn.Module):
+    """``cuequivariance_torch.ChannelWiseTensorProduct`` with the weights and outputs in the
+    order of a :class:`DepthwiseTensorProduct`.
+
+    Both enumerate the same paths in the same order and sort them by output irrep, but
+    cuequivariance puts the natural parity first (``0e, 0o, 1o, 1e``) and e3nn odd first
+    (``0o, 0e, 1o, 1e``); the two index maps translate (they are the identity when no two
+    parities of one degree meet).
+    """
+
+    def __init__(self, tp: DepthwiseTensorProduct, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        import cuequivariance as cue
+        import cuequivariance_torch as cuet
+
+        def to_cue(irreps):
+            return cue.Irreps("O3", str(irreps))
+
+        self.op = cuet.ChannelWiseTensorProduct(
+            to_cue(tp.irreps_in1),
+            to_cue(tp.irreps_in2),
+            [cue.O3(ir.l, ir.p) for ir in tp.irreps_targets],
+            layout=cue.mul_ir,  # e3nn's layout: multiplicity, then components
+            shared_weights=False,
+            internal_weights=False,
+            device=device,
+            dtype=dtype,
+            method=None if device.type == "cuda" else "naive",  # naive: pure torch
+        )
+        # The paths of tp.instructions (e3nn order), re-sorted the way cuequivariance sorts.
+        # A path's weights and outputs are one contiguous block in each order.
+        paths = list(range(len(tp.instructions)))
+        irreps_of = [tp.irreps_out[i.i_out] for i in tp.instructions]
+        cue_paths = sorted(paths, key=lambda k: cue.O3(irreps_of[k].ir.l, irreps_of[k].ir.p))
+        if to_cue(o3.Irreps([irreps_of[k] for k in cue_paths])) != self.op.irreps_out:
+            raise RuntimeError(f"cuequivariance made {self.op.irreps_out}, not the paths of {tp}")
+        weight_blocks = _blocks([mul_ir.mul for mul_ir in irreps_of])
+        out_blocks = _blocks([mul_ir.dim for mul_ir in irreps_of])
+        weight_index = torch.cat([weight_blocks[k] for k in cue_paths])
+        # out_cue[:, position of e3nn's component c in the cuequivariance order]
+        cue_offsets = _blocks([irreps_of[k].dim for k in cue_paths])
+        position = torch.empty(tp.irreps_out.dim, dtype=torch.long)
+        for k, offsets in zip(cue_paths, cue_offsets):
+            position[out_blocks[k]] = offsets
+        self.register_buffer("weight_index", weight_index.to(device), persistent=False)
+        self.register_buffer("out_index", position.to(device), persistent=False)
+        self.same_order = cue_paths == paths  # then skip the two gathers
+
+    def forward(self, x, y, weight):
+        if self.same_order:
+            return self.op(x, y, weight)
+        return self.op(x, y, weight[:, self.weight_index])[:, self.out_index]
+
+
+def _blocks(sizes):
+    """The index ranges of consecutive blocks of the given sizes."""
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [torch.arange(end - size, end) for size, end in zip(sizes, ends)]
+
+
+def use_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """Set the backend of every :class:`DepthwiseTensorProduct` in ``model``; returns it.
+
+    >>> from se3tutor import SE3Transformer
+    >>> model = use_backend(SE3Transformer("2x0e", "8x0e + 4x1o", "1x0e", max_radius=2.0), "e3nn")
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, DepthwiseTensorProduct):
+            module.backend = backend
+    return model

@@ -1,0 +1,112 @@
+"""se3tutor.tensor_product: the depthwise product on e3nn and on cuequivariance give the same
+numbers (values, gradients, a whole transformer's forces), and the backend is chosen as
+documented. cuequivariance runs here through its pure-torch fallback (no GPU); the CUDA test
+runs where there is one."""
+
+import pytest
+import torch
+from e3nn import o3
+
+from se3tutor.checks import default_dtype
+from se3tutor.tensor_product import DepthwiseTensorProduct, cuequivariance_available, use_backend
+from se3tutor.transformer import SE3Transformer, hidden_irreps
+
+needs_cuequivariance = pytest.mark.skipif(
+    not cuequivariance_available(), reason="cuequivariance-torch is not installed"
+)
+IRREPS = [
+    # (node, harmonics, targets): several paths into one irrep, both parities, l = 2
+    ("8x0e + 8x1o + 4x2e + 3x1e", o3.Irreps.spherical_harmonics(2), "4x0e + 4x1o + 2x2e + 2x1e"),
+    ("16x0e + 16x0o + 16x1o + 16x1e", o3.Irreps.spherical_harmonics(1), "0e + 0o + 1o + 1e"),
+    ("5x0e + 3x2e", o3.Irreps.spherical_harmonics(3), "1x2e + 1x3o"),
+]
+
+
+def inputs(tp, num_edges=40, dtype=torch.float64, device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(num_edges, tp.irreps_in1.dim, generator=generator, dtype=dtype)
+    vectors = torch.randn(num_edges, 3, generator=generator, dtype=dtype)
+    y = o3.spherical_harmonics(tp.irreps_in2, vectors, normalize=True)
+    weight = torch.randn(num_edges, tp.weight_numel, generator=generator, dtype=dtype)
+    return [t.to(device).requires_grad_(True) for t in (x, y, weight)]
+
+
+def test_auto_is_e3nn_on_the_cpu_and_bad_backends_are_refused():
+    tp = DepthwiseTensorProduct("4x0e + 2x1o", "1x0e + 1x1o", "1x1o")
+    assert tp.backend == "auto" and not tp.uses_cuequivariance(torch.zeros(1, tp.irreps_in1.dim))
+    assert tp.irreps_out == o3.Irreps("4x1o + 2x1o")  # 0e x 1o and 1o x 0e, nothing else
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tp.backend = "cuda"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_backend(torch.nn.Sequential(tp), "fast")
+
+
+def test_cuequivariance_refused_with_an_install_hint_when_missing(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install cuequivariance-torch"):
+        DepthwiseTensorProduct("4x0e", "1x0e", "1x0e", backend="cuequivariance")
+
+
+@needs_cuequivariance
+@pytest.mark.parametrize("irreps_node, irreps_sh, irreps_targets", IRREPS)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_cuequivariance_gives_e3nn_values_and_gradients(
+    irreps_node, irreps_sh, irreps_targets, dtype, tolerance
+):
+    with default_dtype(dtype):
+        e3nn_tp = DepthwiseTensorProduct(irreps_node, irreps_sh, irreps_targets, backend="e3nn")
+        cue_tp = DepthwiseTensorProduct(
+            irreps_node, irreps_sh, irreps_targets, backend="cuequivariance"
+        )
+    assert cue_tp.state_dict().keys() == e3nn_tp.state_dict().keys()
+    args_e3nn, args_cue = inputs(e3nn_tp, dtype=dtype), inputs(cue_tp, dtype=dtype)
+    out_e3nn, out_cue = e3nn_tp(*args_e3nn), cue_tp(*args_cue)
+    scale = out_e3nn.abs().max()
+    assert out_cue.shape == out_e3nn.shape
+    assert (out_cue - out_e3nn).abs().max() <= tolerance * scale
+    # The same gradient for every input: x, the harmonics and the per-edge weights.
+    cotangent = torch.randn_like(out_e3nn)
+    grads_e3nn = torch.autograd.grad(out_e3nn, args_e3nn, cotangent)
+    grads_cue = torch.autograd.grad(out_cue, args_cue, cotangent)
+    for name, a, b in zip(("x", "y", "weight"), grads_e3nn, grads_cue):
+        assert (a - b).abs().max() <= tolerance * a.abs().max(), name
+
+
+@needs_cuequivariance
+def test_a_transformer_on_cuequivariance_gives_the_same_outputs_and_forces():
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        model = SE3Transformer(
+            "3x0e", hidden_irreps(8, 2, "SE3"), "1x0e", max_radius=2.0, num_layers=2, num_heads=2
+        )
+    f, pos = torch.randn(30, 3, dtype=torch.float64), 2 * torch.randn(30, 3, dtype=torch.float64)
+    batch = torch.arange(30) // 15
+
+    def energy_and_forces(backend):
+        use_backend(model, backend)
+        position = pos.clone().requires_grad_(True)
+        energy = model(f, position, batch).sum()
+        # create_graph: a force loss differentiates once more
+        (gradient,) = torch.autograd.grad(energy, position, create_graph=True)
+        (second,) = torch.autograd.grad(gradient.pow(2).sum(), position)
+        return energy.detach(), -gradient.detach(), second
+
+    energy, forces, second = energy_and_forces("e3nn")
+    energy_cue, forces_cue, second_cue = energy_and_forces("cuequivariance")
+    assert forces.abs().max() > 1e-3  # a real test: the forces are not all zero
+    assert (energy_cue - energy).abs() <= 1e-10 * energy.abs()
+    assert (forces_cue - forces).abs().max() <= 1e-10 * forces.abs().max()
+    assert (second_cue - second).abs().max() <= 1e-9 * second.abs().max()
+
+
+@needs_cuequivariance
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuequivariance_on_cuda_matches_e3nn_in_float32():
+    irreps_node, irreps_sh, irreps_targets = IRREPS[0]
+    with default_dtype(torch.float32):
+        tp = DepthwiseTensorProduct(irreps_node, irreps_sh, irreps_targets).cuda()
+    args = inputs(tp, num_edges=1000, dtype=torch.float32, device="cuda")
+    assert tp.uses_cuequivariance(args[0]) == cuequivariance_available(kernels=True)
+    expected = use_backend(torch.nn.Sequential(tp), "e3nn")[0](*args)
+    tp.backend = "cuequivariance"
+    assert (tp(*args) - expected).abs().max() <= 1e-5 * expected.abs().max()
