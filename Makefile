@@ -61,7 +61,8 @@ notebooks: $(VENV)/.installed
 
 bench-smoke: $(VENV)/.installed-pyg
 	$(BIN)/python bench/radius_graph.py --smoke
-	$(BIN)/python bench/transformer.py --smoke
+	$(BIN)/python bench/transformer.py --smoke --backends e3nn,cuequivariance
+	$(BIN)/python bench/transformer.py --gpu  # skipped (and says so) without CUDA
 	$(BIN)/python bench/peer.py --smoke
 
 # Every chapter page of the built book in headless Chromium (ci/browser_check.py): the math

@@ -19,6 +19,14 @@ variables for large graphs on the CPU.)
     python bench/transformer.py                 # 1e3 .. 1e5 points
     python bench/transformer.py --smoke         # 1e3 points only (CI)
     python bench/transformer.py --device cuda
+    python bench/transformer.py --gpu           # the GPU section (below)
+
+The GPU section (``--gpu``) runs only where CUDA is present (elsewhere it says so and exits
+0): 1e3 to 1e5 points on CUDA, the depthwise tensor products on e3nn against cuequivariance's
+kernels (``--backends``; cuequivariance when installed, see ``se3tutor.tensor_product``), and
+``--compile`` adds each backend under ``torch.compile``. ``--backends e3nn,cuequivariance``
+also runs on the CPU, where cuequivariance is its pure-torch fallback (a check of the bench,
+not a speed to quote).
 """
 
 from __future__ import annotations
@@ -33,10 +41,19 @@ import sys
 from measure import best_time_and_peak, uniform_points
 
 
-def run_case(num_points: int, neighbors: float, device: str, repeats: int, threads: int) -> dict:
+def run_case(
+    num_points: int,
+    neighbors: float,
+    device: str,
+    repeats: int,
+    threads: int,
+    backend: str = "e3nn",
+    compile: bool = False,
+) -> dict:
     import torch
 
     from se3tutor import SE3Transformer, radius_graph
+    from se3tutor.tensor_product import use_backend
     from se3tutor.transformer import hidden_irreps
 
     torch.set_num_threads(threads)
@@ -45,12 +62,14 @@ def run_case(num_points: int, neighbors: float, device: str, repeats: int, threa
         "8x0e", hidden_irreps(8, 1, "SE3"), "1x0e + 1x1o", max_radius=1.0, num_layers=2,
         num_heads=2,
     ).to(device)  # fmt: skip
+    use_backend(model, backend)
+    forward = torch.compile(model) if compile else model
     pos = uniform_points(num_points, neighbors, device)
     f = torch.randn(num_points, 8, device=device)
     edge_index = radius_graph(pos, 1.0)
 
     def step():
-        model(f, pos, edge_index=edge_index).pow(2).mean().backward()
+        forward(f, pos, edge_index=edge_index).pow(2).mean().backward()
 
     step()  # warm up
     seconds, peak_mb = best_time_and_peak(step, repeats, device)
@@ -59,6 +78,7 @@ def run_case(num_points: int, neighbors: float, device: str, repeats: int, threa
         "edges": edge_index.shape[1],
         "seconds": seconds,
         "peak_mb": peak_mb,
+        "backend": backend + (" compiled" if compile else ""),
     }
 
 
@@ -72,14 +92,39 @@ def main() -> None:
     parser.add_argument(
         "--system-malloc", action="store_true", help="glibc's default malloc settings"
     )
+    parser.add_argument(
+        "--backends", default="e3nn", help="tensor-product backends, comma-separated"
+    )
+    parser.add_argument("--compile", action="store_true", help="also under torch.compile")
+    parser.add_argument("--gpu", action="store_true", help="the GPU section: see above")
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.case is not None:
-        result = run_case(args.case, args.neighbors, args.device, args.repeats, args.threads)
+        result = run_case(
+            args.case, args.neighbors, args.device, args.repeats, args.threads,
+            args.backends, args.compiled,
+        )  # fmt: skip
         print(json.dumps(result))
         return
 
+    backends = args.backends.split(",")
+    if args.gpu:
+        import torch
+
+        from se3tutor.tensor_product import cuequivariance_available
+
+        if not torch.cuda.is_available():
+            print("GPU section: no CUDA device here, skipped")
+            return
+        args.device = "cuda"
+        backends = ["e3nn"] + (["cuequivariance"] if cuequivariance_available() else [])
+        if len(backends) == 1:
+            print("cuequivariance-torch is not installed: e3nn only")
+    variants = [(backend, False) for backend in backends]
+    if args.compile:
+        variants += [(backend, True) for backend in backends]
     sizes = [1000] if args.smoke else [1000, 3000, 10000, 30000, 100000]
     repeats = 1 if args.smoke else args.repeats
     environment = dict(os.environ)
@@ -90,29 +135,36 @@ def main() -> None:
         f"~{args.neighbors:g} neighbours per point, best of {repeats}, "
         f"{'default' if args.system_malloc else 'heap-keeping'} malloc"
     )
-    print(f"{'points':>8}{'edges':>10}{'seconds':>10}{'peak MB':>10}{'us / edge':>11}")
-    results = []
+    print(
+        f"{'points':>8}{'edges':>10}  {'backend':<24}{'seconds':>10}{'peak MB':>10}"
+        f"{'us / edge':>11}"
+    )
+    results = {variant: [] for variant in variants}
     for size in sizes:
-        command = [
-            sys.executable, __file__, "--case", str(size), "--neighbors", str(args.neighbors),
-            "--device", args.device, "--repeats", str(repeats), "--threads", str(args.threads),
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, env=environment)
-        if done.returncode != 0:
-            raise SystemExit(f"{size} points failed:\n{done.stderr}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        results.append(result)
-        print(
-            f"{result['points']:>8}{result['edges']:>10}{result['seconds']:>10.3f}"
-            f"{result['peak_mb']:>10.0f}{1e6 * result['seconds'] / result['edges']:>11.2f}",
-            flush=True,
-        )
-    if len(results) > 1:
-        first, last = results[0], results[-1]
-        slope = math.log(last["seconds"] / first["seconds"]) / math.log(
-            last["edges"] / first["edges"]
-        )
-        print(f"slope of log(time) against log(edges): {slope:.2f} (1 = linear)")
+        for backend, compiled in variants:
+            command = [
+                sys.executable, __file__, "--case", str(size), "--neighbors", str(args.neighbors),
+                "--device", args.device, "--repeats", str(repeats), "--threads", str(args.threads),
+                "--backends", backend,
+            ] + (["--compiled"] if compiled else [])  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, env=environment)
+            if done.returncode != 0:
+                raise SystemExit(f"{size} points, {backend} failed:\n{done.stderr}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            results[backend, compiled].append(result)
+            print(
+                f"{result['points']:>8}{result['edges']:>10}  {result['backend']:<24}"
+                f"{result['seconds']:>10.3f}{result['peak_mb']:>10.0f}"
+                f"{1e6 * result['seconds'] / result['edges']:>11.2f}",
+                flush=True,
+            )
+    for rows in results.values():
+        if len(rows) > 1:
+            first, last = rows[0], rows[-1]
+            slope = math.log(last["seconds"] / first["seconds"]) / math.log(
+                last["edges"] / first["edges"]
+            )
+            print(f"{rows[0]['backend']}: slope of log(time) against log(edges): {slope:.2f}")
 
 
 if __name__ == "__main__":
