@@ -22,6 +22,7 @@ invariant to the order of the nodes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Callable, Optional
 
@@ -241,6 +242,16 @@ class SE3Transformer(torch.nn.Module):
         )
         self.norm_out = norm(self.irreps_hidden)
         self.readout = o3.Linear(self.irreps_hidden, self.irreps_out)
+        unreachable = sorted(
+            {ir for _, ir in self.irreps_out} - {ir for _, ir in self.irreps_hidden}
+        )
+        if unreachable:
+            warnings.warn(
+                f"irreps_out has {' + '.join(map(str, unreachable))}, which irreps_hidden "
+                f"({self.irreps_hidden}) lacks: those outputs are always 0 (for both parities "
+                "use hidden_irreps(..., 'SE3'))",
+                stacklevel=2,
+            )
 
     def forward(
         self,

@@ -3,6 +3,7 @@ edge features, smoothness, and input validation."""
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -45,6 +46,9 @@ def random_inputs(model, num_nodes=20, scale=1.0):
     return f, pos
 
 
+# With "E3" the 0o and 1e outputs are unreachable (always 0, and warned about); the 0e, 1o
+# and 2e outputs are what the test checks then.
+@pytest.mark.filterwarnings("ignore:irreps_out has")
 @pytest.mark.parametrize("symmetry", ["E3", "SE3"])
 @pytest.mark.parametrize("attend_self", [False, True])
 def test_model_is_equivariant_under_rotations_inversion_and_translations(
@@ -312,3 +316,13 @@ def test_force_loss_gradients_are_finite_where_the_cutoff_weight_underflows(frac
     grads = torch.autograd.grad(force.pow(2).sum(), list(model.parameters()), allow_unused=True)
     assert torch.isfinite(force).all()
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_outputs_the_hidden_irreps_cannot_reach_are_warned_about():
+    with pytest.warns(UserWarning, match=r"irreps_out has 1e, which irreps_hidden .* lacks"):
+        model = SE3Transformer("2x1o", hidden_irreps(4, 1, "E3"), "1x1e + 1x1o", max_radius=2.0)
+    out = model(torch.randn(6, 6), torch.randn(6, 3))
+    assert out[:, :3].abs().max() == 0 and out[:, 3:].abs().max() > 0  # 1e zero, 1o not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SE3Transformer("2x1o", hidden_irreps(4, 1, "SE3"), "1x1e + 1x1o", max_radius=2.0)
