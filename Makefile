@@ -49,6 +49,7 @@ book: $(VENV)/.installed $(MATHJAX_STAMP)
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python ci/make_student_notebooks.py --check  # student exercises = generated ones
 
 # Every unit test and docstring example, with torch-cluster/torch-scatter required; then
 # the layers again on the pure-torch backend.

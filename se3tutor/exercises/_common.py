@@ -1,0 +1,301 @@
+"""What every checker does: call the reader's function safely, compare its output with the
+reference, recognise typical mistakes, and explain them.
+
+A checker raises :class:`ExerciseError` with a message meant for a student: what was measured,
+what was expected, and, where the mistake is a known one, what to change. On success it prints
+one line that starts with a check mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Callable, Optional, Union
+
+import torch
+from e3nn import o3
+
+from se3tutor.checks import default_dtype
+
+__all__ = ["ExerciseError"]
+
+# Where a checker puts the tensors it gives the reader's function: "cpu" (the default), "cuda"...
+Device = Optional[Union[str, torch.device]]
+
+
+class ExerciseError(AssertionError):
+    """The reader's answer to an exercise is not right yet; the message says why."""
+
+    __module__ = "se3tutor.exercises"  # where readers import it from, as tracebacks show it
+
+
+# Error messages of torch that students meet in these exercises, with what usually causes them.
+_KNOWN_ERRORS = {
+    "grad can be implicitly created only for scalar outputs": (
+        "torch.autograd.grad(outputs, inputs) needs a scalar output (or grad_outputs): "
+        "differentiate the sum, e.g. energy.sum()."
+    ),
+    "does not require grad": (
+        "autograd can only differentiate with respect to a tensor that had requires_grad=True "
+        "*before* the output was computed from it: call pos.requires_grad_(True) first."
+    ),
+    "same device": (
+        "a tensor you created is on another device than the inputs: create it with "
+        "device=<input>.device (or torch.zeros_like(...))."
+    ),
+    "expected scalar type": (
+        "a tensor you created has another dtype than the inputs: create it with "
+        "dtype=<input>.dtype (or torch.zeros_like(...))."
+    ),
+    "same scalar type": (
+        "a tensor you created has another dtype than the inputs: create it with "
+        "dtype=<input>.dtype (or torch.zeros_like(...))."
+    ),
+}
+
+
+def fail(name: str, problem: str, hint: Optional[str] = None) -> ExerciseError:
+    """The error to raise: ``raise fail("radial_embedding", "...", hint="...")``."""
+    message = f"{name} is not right yet. {problem}"
+    if hint:
+        message += f"\nHint: {hint}"
+    return ExerciseError(message)
+
+
+def passed(name: str, details: str) -> None:
+    print(f"\u2713 {name} is correct: {details}")
+
+
+def call(function: Callable, name: str, *args, **kwargs):
+    """``function(*args, **kwargs)``, with the reader's errors turned into explanations."""
+    try:
+        return function(*args, **kwargs)
+    except NotImplementedError as error:
+        stub = _stub_that_raised(error)
+        if stub is not None:
+            who = name if stub in (name, "<lambda>") else f"{stub} (which {name} calls)"
+            raise ExerciseError(
+                f"{who} is not written yet: replace `raise NotImplementedError` in its cell "
+                "with your code, run that cell, then run this one again."
+            ) from None
+        raise fail(name, f"Calling it raised NotImplementedError: {error}") from error
+    except ExerciseError:
+        raise
+    except Exception as error:  # the reader's code failed: say where, keep the traceback
+        hint = next((h for text, h in _KNOWN_ERRORS.items() if text in str(error)), None)
+        raise fail(
+            name,
+            f"Calling it raised {type(error).__name__}: {error} (the traceback above shows the "
+            "line of your code).",
+            hint,
+        ) from error
+
+
+def _stub_that_raised(error: BaseException) -> Optional[str]:
+    """The name of the reader's function that raised ``error``, or ``None`` when it came from
+    an installed library (an operation that torch does not implement, say)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return None
+    code = frame.tb_frame.f_code
+    if any(part in code.co_filename for part in ("site-packages", "dist-packages")):
+        return None
+    return code.co_name
+
+
+@contextlib.contextmanager
+def seeded(seed: int, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Run with torch's CPU random state seeded and the default dtype set, then restore both,
+    so that a check neither depends on nor disturbs the notebook's random numbers."""
+    with torch.random.fork_rng(devices=[]), default_dtype(dtype):
+        torch.manual_seed(seed)
+        yield
+
+
+def as_device(device: Device) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def check_tensor(
+    name: str,
+    got,
+    shape: Sequence[int],
+    what: str,
+    like: torch.Tensor,
+    shape_hints: Optional[dict] = None,
+) -> torch.Tensor:
+    """``got`` must be a finite tensor of ``shape`` with the dtype and device of ``like``.
+    ``shape_hints`` maps wrong shapes (tuples) that have a known cause to a hint."""
+    shape = tuple(shape)
+    if isinstance(got, tuple) and len(got) == 1:
+        raise fail(name, f"It returned a tuple with one element; return the {what} itself.")
+    if not isinstance(got, torch.Tensor):
+        raise fail(name, f"It returned a {type(got).__name__}; the {what} should be a tensor.")
+    if tuple(got.shape) != shape:
+        hint = (shape_hints or {}).get(tuple(got.shape))
+        if hint is None and sorted(got.shape) == sorted(shape) and len(shape) == 2:
+            hint = f"the two axes are the other way round: transpose, to get {shape}."
+        raise fail(name, f"The {what} has shape {tuple(got.shape)}, expected {shape}.", hint=hint)
+    if got.dtype != like.dtype:
+        raise fail(
+            name,
+            f"The {what} is {got.dtype}, but the inputs are {like.dtype}.",
+            "create new tensors with dtype=<input>.dtype, or with torch.zeros_like(...).",
+        )
+    if got.device != like.device:
+        raise fail(name, f"The {what} is on {got.device}, but the inputs are on {like.device}.")
+    if not bool(got.isfinite().all()):
+        bad = (~got.isfinite()).nonzero()[0].tolist()
+        raise fail(name, f"The {what} contains NaN or inf (first at index {bad}).")
+    return got
+
+
+def largest_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.detach() - expected.detach()).abs().max()) if got.numel() else 0.0
+
+
+def scale_of(x: torch.Tensor) -> float:
+    return max(float(x.detach().abs().max()), 1e-12) if x.numel() else 1.0
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal up to ``rtol`` times the largest entry of ``expected`` (float32 rounding of
+    sums, in any order)."""
+    return largest_difference(got, expected) <= rtol * scale_of(expected)
+
+
+def second_moment(x: torch.Tensor) -> float:
+    return float(x.detach().pow(2).mean())
+
+
+def matching_mistake(
+    got: torch.Tensor, mistakes: Sequence[tuple[Callable[[], torch.Tensor], str]], rtol=1e-4
+):
+    """The hint of the first typical mistake whose output ``got`` equals, or ``None``.
+    ``mistakes``: ``(output of the mistake, computed lazily, hint)`` pairs."""
+    for mistake, hint in mistakes:
+        with torch.no_grad():
+            wrong = mistake()
+        if wrong.shape == got.shape and close(got, wrong, rtol):
+            return hint
+    return None
+
+
+def scalar_factor(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
+    """``c`` when ``got`` is ``c * expected`` (within float32 rounding), else ``None``."""
+    got, expected = got.detach().flatten().double(), expected.detach().flatten().double()
+    norm2 = float(expected @ expected)
+    if norm2 == 0:
+        return None
+    c = float(got @ expected) / norm2
+    residual = float((got - c * expected).abs().max())
+    return c if residual <= 1e-4 * max(float(got.abs().max()), 1e-30) else None
+
+
+def explain_factor(c: float, factors: dict, max_terms: int = 3) -> Optional[list]:
+    """Which known mistakes, each multiplying the output by a known factor, multiply together
+    to ``c``: the names of the set (of at most ``max_terms``) whose product is closest to
+    ``c``, if within 0.5 %, else ``None``."""
+    candidates = [
+        names for size in range(1, max_terms + 1) for names in itertools.combinations(factors, size)
+    ]
+    best = min(candidates, key=lambda names: abs(math.prod(factors[n] for n in names) / c - 1))
+    error = abs(math.prod(factors[n] for n in best) / c - 1)
+    return list(best) if error < 0.005 else None
+
+
+def block_errors(difference: torch.Tensor, irreps) -> dict:
+    """Largest absolute entry of ``difference`` in each block ``mul x ir`` of ``irreps``."""
+    irreps = o3.Irreps(irreps)
+    return {
+        f"{mul}x{ir} (columns {block.start}:{block.stop})": float(
+            difference[..., block].abs().max()
+        )
+        for (mul, ir), block in zip(irreps, irreps.slices())
+    }
+
+
+def describe_blocks(errors: dict) -> str:
+    worst = max(errors, key=errors.get)
+    listing = ", ".join(f"{block}: {error:.2g}" for block, error in errors.items())
+    return f"the worst block is {worst} ({listing})"
+
+
+def equivariance_problem(
+    layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    irreps_in,
+    irreps_out,
+    f: torch.Tensor,
+    pos: torch.Tensor,
+    tolerance: float = 1e-4,
+    permute: bool = True,
+) -> Optional[str]:
+    r"""How ``layer(f, pos)`` fails :math:`L(D_{in} f, R x + t) = D_{out} L(f, x)`, in words,
+    or ``None`` when it does not (translations, rotations, the inversion, permutations are
+    tried one at a time, so that the message can say which one breaks it). ``tolerance`` is
+    relative to the largest output."""
+    irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+    with torch.no_grad():
+        out = layer(f, pos)
+        tolerance = tolerance * scale_of(out)
+        identity = torch.eye(3, dtype=pos.dtype, device=pos.device)
+        shift = torch.randn(3, dtype=pos.dtype).to(pos.device)
+        rotations = [o3.rand_matrix(dtype=pos.dtype).to(pos.device) for _ in range(3)]
+
+        def difference(rotation, translation):
+            with default_dtype(pos.dtype):
+                d_in = irreps_in.D_from_matrix(rotation.cpu()).to(pos.device)
+                d_out = irreps_out.D_from_matrix(rotation.cpu()).to(pos.device)
+            return layer(f @ d_in.T, pos @ rotation.T + translation) - out @ d_out.T
+
+        moved = difference(identity, shift)
+        if float(moved.abs().max()) > tolerance:
+            return (
+                f"Shifting every point by the same vector changes the output by up to "
+                f"{float(moved.abs().max()):.3g} (largest output entry {scale_of(out):.3g}): the "
+                "function reads absolute positions. Build everything from differences of "
+                "positions, pos[edge_src] - pos[edge_dst]."
+            )
+        rotated = max((difference(r, 0.0) for r in rotations), key=lambda d: float(d.abs().max()))
+        if float(rotated.abs().max()) > tolerance:
+            errors = block_errors(rotated, irreps_out)
+            broken = [block for block, error in errors.items() if error > tolerance]
+            if all(block.split(" ")[0].endswith(("0e", "0o")) for block in broken):
+                cause = (
+                    "only scalar outputs break: a scalar must be built from invariants (lengths, "
+                    "dot products, norms), never from coordinates or single vector components."
+                )
+            else:
+                cause = (
+                    "typical causes are an MLP or a pointwise nonlinearity applied to coordinates "
+                    "or to the components of vectors, or components of different irreps mixed."
+                )
+            return (
+                "Rotating the points (and the input features with D_in(R)) should multiply the "
+                f"output by D_out(R); yours is off by up to {float(rotated.abs().max()):.3g} "
+                f"(largest output entry {scale_of(out):.3g}); {describe_blocks(errors)}. Here "
+                f"{cause}"
+            )
+        inverted = difference(-identity, 0.0)
+        if float(inverted.abs().max()) > tolerance:
+            blocks = describe_blocks(block_errors(inverted, irreps_out))
+            return (
+                "Rotations are fine, but the inversion x -> -x is not (error "
+                f"{float(inverted.abs().max()):.3g}; {blocks}): a parity mistake, e.g. an output "
+                "declared odd (1o) that is built like a cross product (1e), or spherical "
+                "harmonics declared even."
+            )
+        if permute:
+            perm = torch.randperm(len(pos)).to(pos.device)
+            permuted = layer(f[perm], pos[perm]) - out[perm]
+            if float(permuted.abs().max()) > tolerance:
+                return (
+                    "Listing the points in another order changes the output (beyond reordering "
+                    f"its rows; error {float(permuted.abs().max()):.3g}): the function treats "
+                    "some node specially by its index."
+                )
+    return None

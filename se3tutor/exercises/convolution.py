@@ -1,0 +1,326 @@
+r"""Checkers for the exercises of the Convolution chapter (book/exercises/convolution.ipynb); the
+layer check is shared with "find the missing normalisation" (book/exercises/normalization.ipynb),
+which repairs the same layer.
+
+The layer is the chapter's
+
+.. math:: f'_i = \frac{1}{\sqrt{z}} \sum_{j \in \partial(i)}
+          f_j \otimes_{h(e(\|x_{ij}\|))} Y(x_{ij} / \|x_{ij}\|),
+          \qquad e(r) = \sqrt{B}\ \mathrm{soft\_one\_hot\_linspace}(r, 0, r_{max}, B),
+
+and the reference is :class:`se3tutor.Convolution`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from e3nn import o3
+from e3nn.math import soft_one_hot_linspace
+
+from se3tutor.conv import Convolution
+from se3tutor.exercises._common import (
+    Device,
+    as_device,
+    block_errors,
+    call,
+    check_tensor,
+    close,
+    describe_blocks,
+    equivariance_problem,
+    explain_factor,
+    fail,
+    largest_difference,
+    matching_mistake,
+    passed,
+    scalar_factor,
+    scale_of,
+    second_moment,
+    seeded,
+)
+from se3tutor.graph import radius_graph, scatter
+from se3tutor.norm import second_moment_per_irrep
+from se3tutor.radial import embed_edge_length
+
+__all__ = ["check_convolution", "check_radial_embedding"]
+
+
+def check_radial_embedding(radial_embedding: Callable, device: Device = None) -> None:
+    r"""Check ``radial_embedding(edge_length, max_radius, number_of_basis)``, the embedding of
+    the Convolution chapter:
+
+    .. math:: e_k(r) = \sqrt{B}\ \mathrm{soft\_one\_hot\_linspace}(r, 0, r_{max}, B,
+              \texttt{"smooth\_finite"}, \texttt{cutoff=False})_k
+
+    Shapes: ``edge_length [num_edges]`` -> ``[num_edges, number_of_basis]``.
+
+    >>> from se3tutor.radial import embed_edge_length
+    >>> check_radial_embedding(lambda r, r_max, b: embed_edge_length(r, r_max, b, cutoff=False))
+    ... # doctest: +ELLIPSIS
+    ✓ radial_embedding is correct: [num_edges, number_of_basis], equal to the reference...
+    """
+    name = "radial_embedding"
+    device = as_device(device)
+    moment = _check_radial_setting(radial_embedding, name, 1.8, 10, 400, device)
+    # A second setting catches numbers written where the arguments belong.
+    _check_radial_setting(radial_embedding, name, 3.0, 6, 300, device)
+    passed(
+        name,
+        "[num_edges, number_of_basis], equal to the reference within 1e-5 for two settings, "
+        f"second moment {moment:.3g}",
+    )
+
+
+def _check_radial_setting(
+    radial_embedding, name, max_radius, number_of_basis, num_edges, device
+) -> float:
+    with seeded(0):
+        edge_length = torch.rand(num_edges) * max_radius
+    edge_length[:2] = torch.tensor([0.0, max_radius * (1 - 1e-6)])
+    edge_length = edge_length.to(device)
+    got = call(radial_embedding, name, edge_length.clone(), max_radius, number_of_basis)
+    check_tensor(
+        name,
+        got,
+        (num_edges, number_of_basis),
+        "embedding",
+        edge_length,
+        {
+            (num_edges,): "return all B bump values of every edge, not one number per edge.",
+            (num_edges, 10): "right for number_of_basis=10, wrong for 6: did you write a "
+            "number where the argument number_of_basis belongs?",
+        },
+    )
+    expected = embed_edge_length(edge_length, max_radius, number_of_basis, cutoff=False)
+    if close(got, expected):
+        return second_moment(got)
+    if max_radius != 1.8:
+        raise fail(
+            name,
+            f"It is right for max_radius=1.8, number_of_basis=10 but not for "
+            f"max_radius={max_radius}, number_of_basis={number_of_basis}.",
+            "did you write a number where the arguments max_radius or number_of_basis belong?",
+        )
+
+    def bumps(basis="smooth_finite", cutoff=False):
+        return soft_one_hot_linspace(edge_length, 0.0, max_radius, number_of_basis, basis, cutoff)
+
+    root_b = math.sqrt(number_of_basis)
+    measured = (
+        f"The second moment of your embedding is {second_moment(got):.3g} over {num_edges} "
+        f"lengths in [0, max_radius]; the reference's is {second_moment(expected):.3g}."
+    )
+    hint = matching_mistake(
+        got,
+        [
+            (
+                bumps,
+                "soft_one_hot_linspace's bumps have squares that sum to about 1 at every "
+                "length, so the mean square of the B numbers is about 1/B: multiply by "
+                "sqrt(number_of_basis).",
+            ),
+            (lambda: bumps() * number_of_basis, "multiply by sqrt(B), not by B."),
+            (
+                lambda: bumps(cutoff=True) * root_b,
+                "cutoff=True squeezes the bumps inside (0, max_radius) so that all vanish "
+                "at max_radius; this chapter follows e3nn's convolution guide, cutoff=False.",
+            ),
+            (
+                lambda: bumps(cutoff=True),
+                "two things: the chapter uses cutoff=False, and the bumps need the factor "
+                "sqrt(number_of_basis) to have a second moment of about 1.",
+            ),
+        ]
+        + [
+            (
+                lambda basis=basis: bumps(basis) * root_b,
+                f"you used basis={basis!r}; the chapter's bumps are 'smooth_finite'.",
+            )
+            for basis in ("gaussian", "cosine", "fourier", "bessel")
+        ],
+    )
+    if hint is not None:
+        raise fail(name, measured, hint)
+    edge, bump = divmod(int((got - expected).abs().argmax()), number_of_basis)
+    raise fail(
+        name,
+        f"{measured} The largest difference is at the length r = "
+        f"{float(edge_length[edge]):.4g} (row {edge}), bump {bump}: expected "
+        f"{float(expected[edge, bump]):.4g}, got {float(got[edge, bump]):.4g}.",
+        "soft_one_hot_linspace(edge_length, start=0.0, end=max_radius, "
+        'number=number_of_basis, basis="smooth_finite", cutoff=False), times sqrt(B).',
+    )
+
+
+# ----------------------------------------------------------------- the convolution, and its fix
+
+
+def _problem(device: torch.device):
+    """A Convolution that uses the l = 1 harmonics (so that the edge vector's sign matters),
+    its input, and a graph whose last node has no neighbour."""
+    with seeded(25):  # a draw whose output has second moments near 1 for every irrep type
+        pos = torch.cat([torch.randn(23, 3), torch.full((1, 3), 10.0)])
+        edge_index = radius_graph(pos, 1.6)
+        num_neighbors = edge_index.shape[1] / len(pos)  # z: the reference has second moment ~1
+        layer = Convolution(
+            "4x0e + 2x1o", "3x0e + 2x1o + 1x1e", "0e + 1o + 2e", 8, 1.6, num_neighbors
+        )
+        f_in = layer.irreps_input.randn(len(pos), -1)
+    return layer.to(device), f_in.to(device), pos.to(device), edge_index.to(device)
+
+
+def _variant(
+    layer, f_in, pos, edge_index, sign=1.0, normalization="component", cutoff=False, gather="src"
+):
+    """The chapter's convolution with one of its typical slips (those that are not a constant
+    factor: :func:`explain_factor` recognises the others)."""
+    edge_src, edge_dst = edge_index
+    edge_vec = sign * (pos[edge_src] - pos[edge_dst])
+    edge_sh = o3.spherical_harmonics(
+        layer.irreps_sh, edge_vec, normalize=True, normalization=normalization
+    )
+    embedded = soft_one_hot_linspace(
+        edge_vec.norm(dim=1), 0.0, layer.max_radius, layer.num_basis, "smooth_finite", cutoff
+    )
+    sender = edge_src if gather == "src" else edge_dst
+    summand = layer.tp(f_in[sender], edge_sh, layer.fc(embedded * layer.num_basis**0.5))
+    f_out = scatter(summand, edge_dst, dim=0, dim_size=len(pos))
+    return f_out / layer.num_neighbors**0.5
+
+
+def _check_convolution_like(function: Callable, name: str, device) -> None:
+    layer, f_in, pos, edge_index = _problem(as_device(device))
+    num_nodes, dim = len(pos), layer.irreps_output.dim
+    with torch.no_grad():
+        got = call(function, name, layer, f_in.clone(), pos.clone(), edge_index.clone())
+        expected = layer(f_in, pos, edge_index)
+    check_tensor(
+        name,
+        got,
+        (num_nodes, dim),
+        "output",
+        f_in,
+        {
+            (num_nodes - 1, dim): "the last node has no neighbour, so scatter without "
+            "dim_size stops one row short: pass dim_size=num_nodes (it gets a row of zeros).",
+            (edge_index.shape[1], dim): "that is one row per edge: add the messages of each "
+            "centre with scatter(summand, edge_dst, dim=0, dim_size=num_nodes).",
+        },
+    )
+    irreps = layer.irreps_output
+    moments = {ir: float(m) for ir, m in second_moment_per_irrep(got, irreps).items()}
+    reference_moments = {
+        ir: float(m) for ir, m in second_moment_per_irrep(expected, irreps).items()
+    }
+    measured = (
+        "Second moment of your output per irrep type: "
+        + ", ".join(f"{ir} {m:.3g}" for ir, m in moments.items())
+        + "; the reference layer's: "
+        + ", ".join(f"{ir} {m:.3g}" for ir, m in reference_moments.items())
+        + " (about 1)."
+    )
+    if close(got, expected):
+        passed(
+            name,
+            f"[{num_nodes}, {dim}], equal to se3tutor.Convolution within 1e-5, second moment "
+            f"{second_moment(got):.2f}",
+        )
+        return
+
+    z, num_basis = layer.num_neighbors, layer.num_basis
+    args = (layer, f_in, pos, edge_index)
+    hint = matching_mistake(
+        got,
+        [
+            (
+                lambda: _variant(*args, sign=-1.0),
+                "your edge vectors point from the neighbour to the centre. se3tutor's convention "
+                "is x_ij = x_j - x_i = pos[edge_src] - pos[edge_dst]; the odd harmonics (l = 1) "
+                "change sign with it.",
+            ),
+            (
+                lambda: _variant(*args, gather="dst"),
+                "the message to centre i carries the neighbour's features f_j = f_in[edge_src], "
+                "not the centre's own f_in[edge_dst].",
+            ),
+            (
+                lambda: _variant(*args, cutoff=True),
+                "the embedding should use cutoff=False here, as the Convolution chapter does.",
+            ),
+            (
+                lambda: _variant(*args, normalization="norm"),
+                'the harmonics are in normalization="norm" (each irrep of norm 1, components '
+                '1/(2l+1)); the layers expect normalization="component".',
+            ),
+        ],
+    )
+    if hint is not None:
+        raise fail(name, measured, hint)
+    factor = scalar_factor(got, expected)
+    slips = {
+        "the sum is not divided by sqrt(z): did you divide by sqrt(num_neighbors)? A sum of z "
+        "uncorrelated messages of second moment 1 has second moment z": math.sqrt(z),
+        "the sum is divided by z, not by sqrt(z) (second moments add, so the root of z is "
+        "what brings z messages back to 1)": 1 / math.sqrt(z),
+        "the spherical harmonics are in e3nn's default normalization='integral', which is "
+        "1/sqrt(4 pi) times 'component': pass normalization='component'": 1
+        / math.sqrt(4 * math.pi),
+        "the embedding lacks the factor sqrt(B) = sqrt(num_basis), so its second moment is "
+        "1/B instead of 1 (the radial MLP, relu and no biases, passes the factor on)": 1
+        / math.sqrt(num_basis),
+        "the embedding is multiplied by B, not sqrt(B)": math.sqrt(num_basis),
+    }
+    if factor is not None:
+        causes = explain_factor(factor, slips)
+        if causes is not None:
+            raise fail(
+                name,
+                f"{measured} Your output is exactly {factor:.4g} times the reference, which is "
+                + ("what this slip gives: " if len(causes) == 1 else "what these slips give: ")
+                + "; ".join(f"({n}) {cause}" for n, cause in enumerate(causes, 1))
+                + ".",
+            )
+        raise fail(
+            name,
+            f"{measured} Your output is {factor:.4g} times the reference: a normalisation "
+            "constant is off.",
+            "measure the second moment after each step (embedding, harmonics, weights, "
+            "messages, sum); each should be about 1.",
+        )
+    difference = got - expected
+    problem = equivariance_problem(
+        lambda f, p: function(layer, f, p, edge_index),
+        layer.irreps_input,
+        irreps,
+        f_in,
+        pos,
+        permute=False,
+    )
+    raise fail(
+        name,
+        f"{measured} Your output differs from se3tutor.Convolution's by up to "
+        f"{largest_difference(got, expected):.3g} (largest entry {scale_of(expected):.3g}); "
+        f"{describe_blocks(block_errors(difference, irreps))}. "
+        + (problem or "It is equivariant, so the geometry is right; look at the weights."),
+        "follow the chapter's steps: edge vectors, harmonics, embedded lengths, layer.fc, "
+        "layer.tp(f_in[edge_src], edge_sh, weights), scatter onto edge_dst, divide by sqrt(z).",
+    )
+
+
+def check_convolution(convolution: Callable, device: Device = None) -> None:
+    r"""Check ``convolution(layer, f_in, pos, edge_index)``, the forward pass of the Convolution
+    chapter written with the submodules and constants of ``layer``, a
+    :class:`se3tutor.Convolution` (``layer.tp``, ``layer.fc``, ``layer.irreps_sh``,
+    ``layer.max_radius``, ``layer.num_basis``, ``layer.num_neighbors``), against
+    ``layer(f_in, pos, edge_index)``.
+
+    Shapes: ``f_in [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
+    ``edge_index [2, num_edges]`` -> ``[num_nodes, irreps_output.dim]``.
+
+    >>> check_convolution(lambda layer, f_in, pos, edge_index: layer(f_in, pos, edge_index))
+    ... # doctest: +ELLIPSIS
+    ✓ convolution is correct: [24, 12], equal to se3tutor.Convolution within 1e-5...
+    """
+    _check_convolution_like(convolution, "convolution", device)

@@ -1,0 +1,618 @@
+"""The exercises: every checker accepts a right answer and rejects the typical wrong ones with
+a message that names the mistake; the student notebooks are what the generator makes from the
+solved ones, hold no solution, and report the missing code through the checkers.
+"""
+
+import ast
+import importlib.util
+import json
+import math
+import re
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from e3nn import o3
+from e3nn.math import soft_one_hot_linspace
+
+import se3tutor
+from se3tutor import exercises
+from se3tutor.exercises import ExerciseError
+from se3tutor.radial import embed_edge_length, smooth_cutoff
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location(
+    "make_student_notebooks", ROOT / "ci" / "make_student_notebooks.py"
+)
+generator = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generator)
+_spec = importlib.util.spec_from_file_location("colab_install", ROOT / "ci" / "colab_install.py")
+colab_install = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(colab_install)
+
+SOLVED = sorted(generator.SOLVED.glob("*.ipynb"))
+CHAPTERS = ["attention", "convolution", "normalization", "potential", "smoothness", "transformer"]
+silu = torch.nn.functional.silu
+
+
+def rejects(checker, answer, match, **kwargs):
+    with pytest.raises(ExerciseError, match=re.compile(match, re.S)):
+        checker(answer, **kwargs)
+
+
+def accepts(checker, answer, capsys, **kwargs):
+    checker(answer, **kwargs)
+    assert capsys.readouterr().out.startswith("\u2713")
+
+
+# ------------------------------------------------------------------------ convolution chapter
+
+
+def radial_embedding(edge_length, max_radius, number_of_basis, scale=None, cutoff=False):
+    bumps = soft_one_hot_linspace(
+        edge_length, 0.0, max_radius, number_of_basis, "smooth_finite", cutoff
+    )
+    return bumps * (number_of_basis**0.5 if scale is None else scale)
+
+
+def convolution(layer, f_in, pos, edge_index, sign=1.0, divide=True, dim_size=True):
+    edge_src, edge_dst = edge_index
+    edge_vec = sign * (pos[edge_src] - pos[edge_dst])
+    edge_sh = o3.spherical_harmonics(layer.irreps_sh, edge_vec, True, normalization="component")
+    embedded = radial_embedding(edge_vec.norm(dim=1), layer.max_radius, layer.num_basis)
+    summand = layer.tp(f_in[edge_src], edge_sh, layer.fc(embedded))
+    f_out = se3tutor.scatter(summand, edge_dst, dim=0, dim_size=len(pos) if dim_size else None)
+    return f_out / layer.num_neighbors**0.5 if divide else f_out
+
+
+def test_radial_embedding_checker_accepts_the_chapters_embedding(capsys, device):
+    accepts(exercises.check_radial_embedding, radial_embedding, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (
+            partial(radial_embedding, scale=1.0),
+            r"second moment .* 0\.0995.*sqrt\(number_of_basis\)",
+        ),
+        (partial(radial_embedding, cutoff=True), r"cutoff=False"),
+        (lambda r, r_max, b: radial_embedding(r, r_max, b).T, r"shape \(10, 400\).*transpose"),
+        (lambda r, r_max, b: radial_embedding(r, 1.8, 10), r"number where the argument"),
+    ],
+    ids=["without sqrt(B)", "cutoff=True", "transposed", "hard-coded constants"],
+)
+def test_radial_embedding_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_radial_embedding, wrong, match)
+
+
+def test_convolution_checker_accepts_the_chapters_layer(capsys, device):
+    accepts(exercises.check_convolution, convolution, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (partial(convolution, divide=False), r"did you divide by sqrt\(num_neighbors\)\?"),
+        (partial(convolution, sign=-1.0), r"pos\[edge_src\] - pos\[edge_dst\]"),
+        (partial(convolution, dim_size=False), r"shape \(23, 12\).*pass dim_size=num_nodes"),
+    ],
+    ids=["without 1/sqrt(z)", "edge vectors reversed", "without dim_size"],
+)
+def test_convolution_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_convolution, wrong, match)
+
+
+def test_a_stub_called_by_the_answer_is_named_in_the_message():
+    def radial_embedding(edge_length, max_radius, number_of_basis):
+        raise NotImplementedError
+
+    def convolution_with_stub(layer, f_in, pos, edge_index):
+        radial_embedding(pos[:, 0], layer.max_radius, layer.num_basis)
+
+    rejects(
+        exercises.check_convolution,
+        convolution_with_stub,
+        r"^radial_embedding \(which convolution calls\) is not written yet",
+    )
+
+
+# -------------------------------------------------------------------------- attention chapter
+
+
+def segment_softmax(logits, edge_dst, num_nodes, shift="centre", detach_z=False):
+    if shift == "centre":
+        m = se3tutor.scatter(logits.detach(), edge_dst, dim=0, dim_size=num_nodes, reduce="max")
+        logits = logits - m[edge_dst]
+    elif shift == "global":
+        logits = logits - logits.max()
+    exp = logits.exp()
+    z = se3tutor.scatter(exp, edge_dst, dim=0, dim_size=num_nodes)
+    return exp / (z.detach() if detach_z else z)[edge_dst]
+
+
+def attention(layer, f, pos, edge_index, weight_by="sqrt", cutoff_weight=True):
+    edge_src, edge_dst = edge_index
+    edge_vec = pos[edge_src] - pos[edge_dst]
+    length = edge_vec.norm(dim=1)
+    embedded = embed_edge_length(length, layer.max_radius, layer.number_of_basis, cutoff=True)
+    edge_sh = o3.spherical_harmonics(layer.irreps_sh, edge_vec, True, normalization="component")
+    q = layer.h_q(f)
+    k = layer.tp_k(f[edge_src], edge_sh, layer.fc_k(embedded))
+    v = layer.tp_v(f[edge_src], edge_sh, layer.fc_v(embedded))
+    weight = smooth_cutoff(length, layer.max_radius) if cutoff_weight else None
+    alpha = se3tutor.segment_softmax(layer.dot(q[edge_dst], k), edge_dst, len(f), weight=weight)
+    alpha = alpha.relu().sqrt() if weight_by == "sqrt" else alpha
+    return se3tutor.scatter(alpha * v, edge_dst, dim=0, dim_size=len(f))
+
+
+def test_segment_softmax_checker_accepts_a_stable_softmax(capsys, device):
+    accepts(exercises.check_segment_softmax, segment_softmax, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (partial(segment_softmax, shift=None), r"near 100 .*NaN.*subtract each centre's largest"),
+        (partial(segment_softmax, shift="global"), r"centre's own largest logit"),
+        (lambda logits, edge_dst, n: torch.softmax(logits, 0), r"normalised over all edges"),
+        (partial(segment_softmax, detach_z=True), r"gradient .* differs.*denominator"),
+    ],
+    ids=["no shift: overflow", "one shift for all centres", "over all edges", "detached sum"],
+)
+def test_segment_softmax_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_segment_softmax, wrong, match)
+
+
+def test_attention_checker_accepts_the_chapters_layer(capsys, device):
+    accepts(exercises.check_attention, attention, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (partial(attention, weight_by="alpha"), r"weight them by sqrt\(alpha\)"),
+        (partial(attention, cutoff_weight=False), r"softmax lacks the cutoff weight"),
+    ],
+    ids=["alpha, not sqrt(alpha)", "no cutoff weight"],
+)
+def test_attention_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_attention, wrong, match)
+
+
+# ---------------------------------------------------------------------- normalization chapter
+
+
+def second_moment_per_irrep(f, irreps, pool="pooled", norm=False):
+    squares, counts = {}, {}
+    for (_mul, ir), block in zip(irreps, irreps.slices()):
+        x = f[:, block].pow(2) * (ir.dim if norm else 1)
+        squares.setdefault(str(ir), []).append(x.sum())
+        counts.setdefault(str(ir), []).append(x.numel())
+    if pool == "last":
+        return {k: s[-1] / counts[k][-1] for k, s in squares.items()}
+    if pool == "mean of means":
+        return {k: sum(a / b for a, b in zip(s, counts[k])) / len(s) for k, s in squares.items()}
+    return {k: sum(s) / sum(counts[k]) for k, s in squares.items()}
+
+
+def normalized_convolution(layer, f_in, pos, edge_index, sh="component", root_b=True, z=True):
+    edge_src, edge_dst = edge_index
+    edge_vec = pos[edge_src] - pos[edge_dst]
+    edge_sh = o3.spherical_harmonics(layer.irreps_sh, edge_vec, True, normalization=sh)
+    scale = layer.num_basis**0.5 if root_b else 1.0
+    embedded = radial_embedding(edge_vec.norm(dim=1), layer.max_radius, layer.num_basis, scale)
+    summand = layer.tp(f_in[edge_src], edge_sh, layer.fc(embedded))
+    f_out = se3tutor.scatter(summand, edge_dst, dim=0, dim_size=len(pos))
+    return f_out / layer.num_neighbors**0.5 if z else f_out
+
+
+def layer_norm(f, irreps, eps=1e-5, over="block"):
+    blocks = []
+    for (mul, ir), block in zip(irreps, irreps.slices()):
+        x = f[:, block].reshape(len(f), mul, ir.dim)
+        if over == "block":
+            mean_square = x.pow(2).mean(dim=(1, 2), keepdim=True)
+        elif over == "component":
+            mean_square = x.pow(2)
+        else:  # the sum of the squares
+            mean_square = x.pow(2).sum(dim=(1, 2), keepdim=True)
+        blocks.append((x / (mean_square + eps).sqrt()).reshape(len(f), -1))
+    return torch.cat(blocks, dim=1)
+
+
+def test_second_moment_checker_accepts_pooled_moments(capsys, device):
+    accepts(exercises.check_second_moment_per_irrep, second_moment_per_irrep, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (partial(second_moment_per_irrep, norm=True), r"mean squared \*norm\*"),
+        (partial(second_moment_per_irrep, pool="last"), r"last block only: pool"),
+        (partial(second_moment_per_irrep, pool="mean of means"), r"averaged the means"),
+        (lambda f, irreps: f.pow(2).mean(), r"return a dict"),
+    ],
+    ids=["squared norm", "last block", "mean of means", "one number"],
+)
+def test_second_moment_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_second_moment_per_irrep, wrong, match)
+
+
+def test_normalization_checker_accepts_the_normalised_layer(capsys, device):
+    accepts(exercises.check_normalization, normalized_convolution, capsys, device=device)
+
+
+def test_normalization_checker_names_every_missing_constant():
+    unnormalized = partial(normalized_convolution, sh="integral", root_b=False, z=False)
+    with pytest.raises(ExerciseError) as error:
+        exercises.check_normalization(unnormalized)
+    message = str(error.value)
+    assert re.search(r"Second moment of your output per irrep type: 0e 0\.0\d", message)
+    assert "did you divide by sqrt(num_neighbors)?" in message
+    assert "normalization='integral'" in message
+    assert "lacks the factor sqrt(B)" in message
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (partial(normalized_convolution, root_b=False), r"this slip gives: \(1\) the embedding"),
+        (partial(normalized_convolution, sh="norm"), r'normalization="norm"'),
+    ],
+    ids=["without sqrt(B)", "harmonics in norm normalisation"],
+)
+def test_normalization_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_normalization, wrong, match)
+
+
+def test_layer_norm_checker_accepts_the_chapters_layer_norm(capsys, device):
+    accepts(exercises.check_layer_norm, layer_norm, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (lambda f, irreps: torch.nn.functional.layer_norm(f, f.shape[1:]), r"not equivariant"),
+        (partial(layer_norm, over="component"), r"changes its direction"),
+        (partial(layer_norm, over="sum"), r"root of the \*mean\*"),
+    ],
+    ids=["torch layer norm", "per component", "sum of squares"],
+)
+def test_layer_norm_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_layer_norm, wrong, match)
+
+
+# ------------------------------------------------------------------------- smoothness chapter
+
+
+def cutoff(edge_length, max_radius, safe=True):
+    x = 10 * (1 - edge_length / max_radius)
+    if safe:
+        x_safe = torch.where(x > 0, x, torch.ones_like(x))
+        return torch.where(x > 0, torch.exp(-1 / x_safe), torch.zeros_like(x))
+    return torch.where(x > 0, torch.exp(-1 / x), torch.zeros_like(x))
+
+
+def test_smooth_cutoff_checker_accepts_the_books_cutoff(capsys, device):
+    accepts(exercises.check_smooth_cutoff, cutoff, capsys, device=device)
+
+
+def test_smooth_cutoff_checker_accepts_a_c1_cutoff_with_a_remark(capsys):
+    def cosine(r, r_max):
+        return torch.where(r < r_max, 0.5 * (torch.cos(math.pi * r / r_max) + 1), 0.0)
+
+    exercises.check_smooth_cutoff(cosine)
+    assert "the second does not" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (partial(cutoff, safe=False), r"gradient is NaN.*differentiates \*both\* branches"),
+        (lambda r, r_max: (r < r_max).to(r.dtype), r"jumps at max_radius, a hard cutoff"),
+        (lambda r, r_max: (1 - r / r_max).relu(), r"derivative does not.*kink"),
+        (lambda r, r_max: 0.5 * (torch.cos(math.pi * r / r_max) + 1), r"0 at and beyond"),
+        (lambda r, r_max: (2 * (1 - r / r_max)).clamp(0, 1) ** 2, r"jumps inside the sphere"),
+    ],
+    ids=["NaN gradient", "hard cutoff", "kink at the cutoff", "nonzero beyond", "kink inside"],
+)
+def test_smooth_cutoff_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_smooth_cutoff, wrong, match)
+
+
+def test_smooth_layer_checker_accepts_the_smooth_convolution(capsys):
+    smooth = partial(se3tutor.Convolution, cutoff=True, radial_activation=silu)
+    accepts(exercises.check_smooth_layer, smooth, capsys)
+
+
+@pytest.mark.parametrize(
+    "wrong, match",
+    [
+        (se3tutor.Convolution, r"output jumps .*\(cutoff=True\)"),
+        (partial(se3tutor.Convolution, cutoff=True), r"derivative .* jumps.*relu"),
+    ],
+    ids=["the guide's convolution", "relu"],
+)
+def test_smooth_layer_checker_names_the_mistake(wrong, match):
+    rejects(exercises.check_smooth_layer, wrong, match)
+
+
+# ------------------------------------------------------------------------ transformer chapter
+
+
+def transformer_block(block, f, edges, variant="pre-norm"):
+    attention = block.attention
+    if variant == "post-norm":
+        f = block.norm_attention(f + attention(f, edges))
+        return block.norm_feed_forward(f + block.feed_forward(f))
+    if variant == "parallel":
+        update = attention(block.norm_attention(f), edges)
+        return f + update + block.feed_forward(block.norm_feed_forward(f))
+    if variant == "no residual":
+        f = attention(block.norm_attention(f), edges)
+        return block.feed_forward(block.norm_feed_forward(f))
+    f = f + attention(block.norm_attention(f), edges)
+    return f + block.feed_forward(block.norm_feed_forward(f))
+
+
+def test_transformer_block_checker_accepts_a_pre_norm_block(capsys, device):
+    accepts(exercises.check_transformer_block, transformer_block, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "variant, match",
+    [
+        ("post-norm", r"post-norm"),
+        ("parallel", r"both sublayers read the same f"),
+        ("no residual", r"residual connections are missing"),
+    ],
+)
+def test_transformer_block_checker_names_the_mistake(variant, match):
+    rejects(exercises.check_transformer_block, partial(transformer_block, variant=variant), match)
+
+
+def make_vector_model(kind: str, max_radius: float = 1.5):
+    """A model from one scalar per point to one vector per point, of a kind."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
+    radial = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+
+    def model(f, pos):
+        edge_src, edge_dst = se3tutor.radius_graph(pos, max_radius)
+        edge_vec = pos[edge_src] - pos[edge_dst]
+        weight = radial(edge_vec.norm(dim=1, keepdim=True)) * f[edge_src]
+        if kind == "mlp on coordinates":
+            return mlp(torch.cat([f, pos], dim=1))
+        if kind == "mlp on centred coordinates":
+            return mlp(torch.cat([f, pos - pos.mean(dim=0)], dim=1))
+        if kind == "cross product":
+            other = se3tutor.scatter(edge_vec, edge_dst, dim=0, dim_size=len(pos))[edge_src]
+            edge_vec = torch.linalg.cross(edge_vec, other)
+        if kind == "no geometry":
+            return f.repeat(1, 3)
+        if kind == "zero":
+            return torch.zeros_like(pos)
+        return se3tutor.scatter(weight * edge_vec, edge_dst, dim=0, dim_size=len(pos))
+
+    return model
+
+
+def test_equivariant_checker_accepts_equivariant_models(capsys, device):
+    model = make_vector_model("equivariant")
+    exercises.check_equivariant(model, "1x0e", "1x1o", device=device)
+    assert capsys.readouterr().out.startswith("\u2713 model is equivariant")
+    transformer = se3tutor.SE3Transformer("1x0e", "8x0e + 8x1o", "1x1o", max_radius=1.5)
+    exercises.check_equivariant(transformer.to(device), "1x0e", "1x1o", device=device)
+    assert "SE3Transformer is equivariant" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("mlp on coordinates", r"Shifting every point .* reads absolute positions"),
+        ("mlp on centred coordinates", r"Rotating the points .* worst block is 1x1o"),
+        ("cross product", r"Rotations are fine, but the inversion"),
+        ("no geometry", r"does not use the geometry"),
+        ("zero", r"always 0"),
+    ],
+)
+def test_equivariant_checker_says_which_transformation_breaks_the_model(kind, match):
+    with pytest.raises(ExerciseError, match=re.compile(match, re.S)):
+        exercises.check_equivariant(make_vector_model(kind), "1x0e", "1x1o")
+
+
+# -------------------------------------------------------------------------- potential chapter
+
+
+def energy_and_forces(model, pos, batch, num_graphs, training=False, mistake=None):
+    if mistake == "backward":
+        pos.requires_grad_(True)
+        energy = se3tutor.scatter(model(pos, batch), batch, dim=0, dim_size=num_graphs)
+        energy.sum().backward()
+        return energy, -pos.grad
+    pos = pos.detach().requires_grad_(True)
+    energy = se3tutor.scatter(model(pos, batch), batch, dim=0, dim_size=num_graphs)
+    if mistake == "one energy":
+        energy = energy.sum()
+    create_graph = {"no create_graph": False, "always create_graph": True}.get(mistake, training)
+    (gradient,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    return energy, gradient if mistake == "sign" else -gradient
+
+
+def test_forces_checker_accepts_minus_the_gradient(capsys, device):
+    accepts(exercises.check_forces, energy_and_forces, capsys, device=device)
+
+
+@pytest.mark.parametrize(
+    "mistake, match",
+    [
+        ("sign", r"\+dE/dx: they point uphill"),
+        ("backward", r"leaves gradients behind.*torch\.autograd\.grad"),
+        ("no create_graph", r"training=True the forces are not differentiable.*create_graph"),
+        ("always create_graph", r"training=False the forces still carry an autograd graph"),
+        ("one energy", r"energy has shape \(\), expected \(3,\).*one energy per structure"),
+    ],
+)
+def test_forces_checker_names_the_mistake(mistake, match):
+    rejects(exercises.check_forces, partial(energy_and_forces, mistake=mistake), match)
+
+
+# --------------------------------------------------------------------- the student notebooks
+
+
+def load(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def sources(notebook, cell_type=None):
+    return [
+        generator.source_of(cell)
+        for cell in notebook["cells"]
+        if cell_type is None or cell["cell_type"] == cell_type
+    ]
+
+
+def test_every_chapter_has_a_solved_exercise_notebook():
+    assert set(CHAPTERS) <= {path.stem for path in SOLVED}
+
+
+@pytest.mark.parametrize("path", SOLVED, ids=lambda path: path.stem)
+def test_student_notebook_is_what_the_generator_makes(path):
+    student = generator.STUDENT / path.name
+    assert student.exists(), "run: python ci/make_student_notebooks.py"
+    expected = generator.dumps(generator.student_notebook(load(path), path.name))
+    assert student.read_text(encoding="utf-8") == expected, (
+        f"{student.relative_to(ROOT)} differs from what ci/make_student_notebooks.py makes from "
+        f"{path.relative_to(ROOT)}: edit the solved notebook, then run the script"
+    )
+
+
+def test_no_student_notebook_without_a_solved_one():
+    assert sorted(p.name for p in generator.STUDENT.glob("*.ipynb")) == [p.name for p in SOLVED]
+
+
+def _solution_only_lines(solved):
+    """The lines of the solutions (their cells, the markdown between them) that appear
+    nowhere else in the solved notebook, nor in the stubs made from them."""
+    hidden, visible, inside = set(), [], False
+    for cell in solved["cells"]:
+        source = generator.source_of(cell)
+        if generator.SOLUTION_START.search(source) or generator.SOLUTION_END.search(source):
+            inside = bool(generator.SOLUTION_START.search(source))
+            continue
+        if "solution" in cell["metadata"].get("tags", []):
+            visible.append(generator.stub(source, ""))
+        if inside:
+            hidden.update(line.strip() for line in source.splitlines() if len(line.strip()) >= 8)
+        else:
+            visible.append(source)
+    visible = "\n".join(visible)
+    return [line for line in hidden if line not in visible]
+
+
+@pytest.mark.parametrize("path", SOLVED, ids=lambda path: path.stem)
+def test_student_notebook_holds_no_solution(path):
+    solved, student = load(path), load(generator.STUDENT / path.name)
+    text = "\n".join(sources(student))
+    leaked = [line for line in _solution_only_lines(solved) if line in text]
+    assert not leaked, f"solution lines in the student version: {leaked}"
+    assert not re.search(r"\{solution|\{exercise\}|solved-only", text)
+    for cell in student["cells"]:
+        assert cell["metadata"] == {}
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+    stubs = [s for s in sources(student, "code") if "# YOUR CODE HERE" in s]
+    solutions = [cell for cell in solved["cells"] if "solution" in cell["metadata"].get("tags", [])]
+    assert len(stubs) == len(solutions) >= 1
+    for stub in stubs:  # a signature, a docstring, the stub: nothing else
+        (function,) = ast.parse(stub).body
+        assert len(function.body) == 2 and isinstance(function.body[1], ast.Raise)
+
+
+@pytest.mark.parametrize("path", SOLVED, ids=lambda path: path.stem)
+def test_exercise_notebooks_start_like_the_chapters(path):
+    for notebook in (path, generator.STUDENT / path.name):
+        first, rest = colab_install.first_code_cell(notebook)
+        assert colab_install.problems_of(first) == []
+        assert any("device" in cell for cell in rest)
+
+
+@pytest.mark.parametrize("path", SOLVED, ids=lambda path: path.stem)
+def test_running_a_student_notebook_reports_the_missing_code(path):
+    """Every cell runs; every cell that checks an answer says that it is not written yet."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    transform = TransformerManager().transform_cell
+    namespace = {"__name__": "__main__"}
+    checked = 0
+    threads = torch.get_num_threads()
+    try:
+        for source in sources(load(generator.STUDENT / path.name), "code"):
+            code = compile(transform(source), f"<{path.stem} cell>", "exec")
+            if re.match(r"exercises\.check_\w+\(", source):
+                with pytest.raises(ExerciseError, match=r"is not written yet: replace `raise"):
+                    exec(code, namespace)
+                checked += 1
+            else:
+                exec(code, namespace)
+    finally:
+        torch.set_num_threads(threads)
+    assert checked >= 1
+
+
+def _solved(*cells):
+    def cell(cell_type, source, tags=()):
+        metadata = {"tags": list(tags)}
+        return {"cell_type": cell_type, "id": "x", "metadata": metadata, "source": source}
+
+    return {"cells": [cell(*c) for c in cells], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+START = ("markdown", "````{solution-start} ex\n:class: dropdown\n````")
+END = ("markdown", "````{solution-end}\n````")
+SOLUTION = '''import math
+
+
+def f(x):
+    """Twice x."""
+    y = 2 * x
+    return y
+'''
+
+
+def test_the_generator_keeps_signature_and_docstring_and_drops_the_rest():
+    notebook = _solved(
+        ("markdown", "# Title"),
+        ("markdown", "````{exercise} Twice\n:label: ex\n\nWrite [f](../x.ipynb).\n````"),
+        START,
+        ("code", SOLUTION, ["solution"]),
+        ("markdown", "Why: the secret."),
+        END,
+        ("code", "exercises.check_f(f)"),
+    )
+    student = generator.student_notebook(notebook, "t.ipynb")
+    texts = sources(student)
+    assert texts[0] == "# Title" and "ci/make_student_notebooks.py" in texts[1]
+    assert texts[2] == "**Exercise: Twice.**\n\nWrite [f](../../x.ipynb).\n"
+    assert texts[3] == (
+        'def f(x):\n    """Twice x."""\n    # YOUR CODE HERE\n    raise NotImplementedError'
+    )
+    assert texts[4] == "exercises.check_f(f)" and len(texts) == 5
+
+
+@pytest.mark.parametrize(
+    "cells, match",
+    [
+        ([("code", SOLUTION, ["solution"])], r"solution cell outside"),
+        ([START, ("code", "def f(x):\n    return 2 * x\n", ["solution"]), END], r"docstring"),
+        ([START, ("code", "y = 2\n", ["solution"]), END], r"only imports and functions"),
+        ([START, ("code", SOLUTION, ["solution"])], r"does not end"),
+        ([START, ("code", SOLUTION, ["solution"]), END, ("markdown", "See {ref}`x`.")], r"MyST"),
+    ],
+    ids=["outside a solution", "no docstring", "not a function", "unclosed", "MyST role"],
+)
+def test_the_generator_refuses_a_notebook_that_breaks_the_conventions(cells, match):
+    with pytest.raises(generator.NotebookError, match=match):
+        generator.student_notebook(_solved(("markdown", "# Title"), *cells), "t.ipynb")
