@@ -11,13 +11,16 @@ reference energies and :math:`s` a scale (both fitted to the data by
 gradient, rotate with the structure; because the model is smooth at the cutoff, so are they.
 
 :func:`train_energy_model` fits a model to structures with energies and forces (ase ``Atoms``,
-e.g. from :func:`se3tutor.data.emt_clusters`); :func:`predict` evaluates it on them.
+e.g. from :func:`se3tutor.data.emt_clusters`); :func:`predict` evaluates it on them. The pieces
+of its loop (:func:`fit_reference_energies`, :func:`adam_with_cosine_decay`,
+:func:`energy_force_loss`) are those of :mod:`se3tutor.train`, which adds a validation set,
+checkpoints and several processes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -25,7 +28,14 @@ from se3tutor.data import collate
 from se3tutor.graph import scatter
 from se3tutor.transformer import SE3Transformer
 
-__all__ = ["EnergyModel", "predict", "train_energy_model"]
+__all__ = [
+    "EnergyModel",
+    "adam_with_cosine_decay",
+    "energy_force_loss",
+    "fit_reference_energies",
+    "predict",
+    "train_energy_model",
+]
 
 
 class EnergyModel(torch.nn.Module):
@@ -102,6 +112,73 @@ class EnergyModel(torch.nn.Module):
         self.scale.copy_((residual / atoms_per_graph.sqrt()).pow(2).mean().sqrt().clamp(min=1e-3))
 
 
+def fit_reference_energies(model: EnergyModel, structures: Sequence) -> None:
+    """:meth:`EnergyModel.fit_reference` on the energies of ``structures``."""
+    parameter = next(model.parameters())
+    everything = collate(structures, model.species, parameter.dtype)
+    model.fit_reference(
+        everything["species_index"].to(parameter.device),
+        everything["batch"].to(parameter.device),
+        everything["energy"].to(parameter.device),
+        num_graphs=len(structures),
+    )
+
+
+def adam_with_cosine_decay(model: torch.nn.Module, lr: float, total_steps: int):
+    """Adam on the parameters of ``model``, and a schedule that takes its learning rate from
+    ``lr`` to 0 along a cosine in ``total_steps`` calls of ``schedule.step()``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+
+
+def energy_force_loss(
+    model: Callable,
+    data: dict,
+    force_weight: float = 1.0,
+    num_graphs: Optional[int] = None,
+    num_atoms: Optional[int] = None,
+):
+    r"""The training loss on one batch, and its energy and force terms (each a 0-d tensor).
+
+    .. math:: L = \frac{1}{B} \sum_b \Big(\frac{\hat E_b - E_b}{N_b}\Big)^2
+              + \lambda\, \frac{1}{3N} \sum_{i} \|\hat F_i - F_i\|^2
+
+    ``data`` is a batch from :func:`se3tutor.data.collate` (on the model's device), ``model``
+    an :class:`EnergyModel` or a wrapper called the same way (``DistributedDataParallel``),
+    :math:`\lambda` = ``force_weight``, :math:`N_b` the atoms of structure :math:`b`.
+
+    The loss is written as sums over the batch divided by two counts, :math:`B` =
+    ``num_graphs`` structures and :math:`N` = ``num_atoms`` atoms, those of ``data`` by
+    default. A process that holds a shard of a larger batch passes the counts of the whole
+    batch: then the losses of the shards add up to the loss of the whole batch, however the
+    atoms are spread over the shards (a mean per shard would weigh an atom of a small shard
+    more than one of a large shard).
+
+    >>> from se3tutor.data import emt_clusters
+    >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
+    >>> structures = emt_clusters(3, shells=(2, 3))
+    >>> whole = collate(structures, [29])
+    >>> loss, energy_term, force_term = energy_force_loss(model, whole, force_weight=0.1)
+    >>> counts = dict(num_graphs=3, num_atoms=len(whole["pos"]))  # of the whole batch
+    >>> shards = [collate(structures[:1], [29]), collate(structures[1:], [29])]
+    >>> parts = [energy_force_loss(model, shard, 0.1, **counts)[0] for shard in shards]
+    >>> torch.allclose(parts[0] + parts[1], loss)
+    True
+    """
+    num_graphs = len(data["energy"]) if num_graphs is None else num_graphs
+    num_atoms = len(data["pos"]) if num_atoms is None else num_atoms
+    graphs_here = len(data["energy"])
+    energy, forces = model(data["pos"], data["species_index"], data["batch"], graphs_here)
+    atoms_per_graph = torch.bincount(data["batch"], minlength=graphs_here)
+    energy_term = ((energy - data["energy"]) / atoms_per_graph).pow(2).sum() / num_graphs
+    force_term = (forces - data["forces"]).pow(2).sum() / (3 * num_atoms)
+    return energy_term + force_weight * force_term, energy_term, force_term
+
+
+def _to(data: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in data.items()}
+
+
 def _batches(structures: Sequence, batch_size: int, generator=None):
     """``structures`` in batches of ``batch_size`` (the last one smaller), shuffled if a
     ``generator`` is given."""
@@ -127,8 +204,7 @@ def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16):
     model.eval()
     energies, forces = [], []
     for batch in _batches(structures, batch_size):
-        data = collate(batch, model.species, parameter.dtype)
-        data = {key: value.to(parameter.device) for key, value in data.items()}
+        data = _to(collate(batch, model.species, parameter.dtype), parameter.device)
         energy, force = model(data["pos"], data["species_index"], data["batch"], len(batch))
         energies.append(energy.detach().double().cpu())
         forces.append(force.detach().double().cpu())
@@ -166,29 +242,17 @@ def train_energy_model(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
     parameter = next(model.parameters())
-    everything = collate(structures, model.species, parameter.dtype)
-    model.fit_reference(
-        everything["species_index"].to(parameter.device),
-        everything["batch"].to(parameter.device),
-        everything["energy"].to(parameter.device),
-        num_graphs=len(structures),
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    fit_reference_energies(model, structures)
     steps_per_epoch = -(-len(structures) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    optimizer, schedule = adam_with_cosine_decay(model, lr, epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
     for _ in range(epochs):
         total = 0.0
         for batch in _batches(structures, batch_size, generator):
-            data = collate(batch, model.species, parameter.dtype)
-            data = {key: value.to(parameter.device) for key, value in data.items()}
-            energy, forces = model(data["pos"], data["species_index"], data["batch"], len(batch))
-            atoms_per_graph = torch.bincount(data["batch"], minlength=len(batch))
-            energy_loss = ((energy - data["energy"]) / atoms_per_graph).pow(2).mean()
-            force_loss = (forces - data["forces"]).pow(2).mean()
-            loss = energy_loss + force_weight * force_loss
+            data = _to(collate(batch, model.species, parameter.dtype), parameter.device)
+            loss, _, _ = energy_force_loss(model, data, force_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

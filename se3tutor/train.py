@@ -1,0 +1,719 @@
+r"""Train an interatomic potential from the command line, in one process or several
+(book: Learning an interatomic potential).
+
+.. code-block:: bash
+
+    python -m se3tutor.train --data emt --num-structures 500 --epochs 20 --out runs/cu
+    python -m se3tutor.train --data mine.extxyz --irreps-hidden "32x0e + 16x1o" --num-layers 2
+    torchrun --standalone --nproc_per_node 4 -m se3tutor.train --data emt --out runs/cu4
+
+The model, loss and optimiser are those of :func:`se3tutor.potential.train_energy_model` (an
+:class:`~se3tutor.potential.EnergyModel`, :func:`~se3tutor.potential.energy_force_loss`,
+Adam with a cosine decay); around them this module adds what a longer run needs:
+
+- **data**: ``--data emt`` makes EMT clusters, any other value is a file of ase ``Atoms`` with
+  energies and forces (``ase.io.read(path, ":")``); every structure is checked before training
+  (:func:`se3tutor.data.check_structures`), a bad one named in the error;
+- **a validation set** (``--validation-fraction``): energy MAE per atom and force MAE and RMSE
+  after every epoch;
+- **a log**, ``OUT/log.jsonl``, one JSON record a line (``"event"``: ``start``, ``step`` every
+  ``--log-every`` steps, ``epoch``, ``checkpoint``, ``resume``, ``end``), which
+  :func:`plot_log` draws; a progress bar with the loss and the structures per second;
+- **checkpoints** every ``--checkpoint-every`` steps and at the end (:mod:`se3tutor.checkpoint`):
+  a run that is killed and started again with the same command continues where its last
+  checkpoint was, and ends with the parameters that an uninterrupted run ends with, to the bit
+  (on a CPU with one thread);
+- **several processes** under ``torchrun`` (:mod:`se3tutor.distributed`): each takes a shard of
+  every global batch of ``--batch-size`` structures, and the steps are those of one process;
+- the trained model, ``OUT/model.pt``, which :func:`load_model` reads back.
+
+On several machines, start the same command on each, with the rendezvous on one of them
+(``OUT`` must be a directory that all of them see, since every process reads the
+checkpoint it resumes from):
+
+.. code-block:: bash
+
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 --rdzv_id cu-run -m se3tutor.train --data emt --out /shared/cu
+
+From Python, :func:`fit` takes a :class:`TrainConfig` (and optionally a list of structures)
+and returns the trained model; :func:`main` is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from se3tutor import distributed
+from se3tutor.checkpoint import (
+    load_latest_checkpoint,
+    random_states,
+    save_checkpoint,
+    set_random_states,
+    write_atomically,
+)
+from se3tutor.checks import default_dtype
+from se3tutor.data import check_structures, collate, emt_clusters
+from se3tutor.potential import (
+    EnergyModel,
+    adam_with_cosine_decay,
+    energy_force_loss,
+    fit_reference_energies,
+)
+
+__all__ = [
+    "SetupError",
+    "TrainConfig",
+    "compile_for_inference",
+    "evaluate",
+    "fit",
+    "load_model",
+    "main",
+    "plot_log",
+    "read_log",
+]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. The defaults are the model and training of the book
+    chapter, with 200 clusters to train on and 50 to validate on."""
+
+    data: str = "emt"  # "emt", or a file of ase Atoms with energies and forces
+    num_structures: int = 250  # emt: how many clusters
+    shells: tuple = (2, 3)  # emt: icosahedra of 2 shells (13 atoms) and 3 shells (55 atoms)
+    seed: int = 0  # the emt data, the split, the initial parameters and the batch order
+    validation_fraction: float = 0.2  # of the structures, held out
+    irreps_hidden: str = "16x0e"
+    num_layers: int = 1
+    num_heads: int = 2
+    max_radius: float = 4.5  # Å
+    epochs: int = 20
+    batch_size: int = 16  # structures per step, over all processes
+    lr: float = 2e-2  # decays to 0 along a cosine
+    force_weight: float = 0.1  # lambda of se3tutor.potential.energy_force_loss
+    dtype: str = "float32"  # or "float64"
+    device: str = "auto"  # "cpu", "cuda", or "auto": CUDA if there is a GPU
+    amp: bool = False  # CUDA: forward and loss under bfloat16 autocast
+    compile: bool = False  # torch.compile the model for validation (see compile_for_inference)
+    threads: Optional[int] = None  # torch.set_num_threads; None: torch's choice
+    out: str = "runs/potential"  # log, checkpoints and model
+    log_every: int = 10  # steps between "step" records
+    checkpoint_every: int = 100  # steps between checkpoints
+    resume: bool = True  # continue from the last checkpoint in out, if there is one
+    progress: bool = True  # show a progress bar
+
+
+# Options that change how a run is carried out, not what it computes: a run may resume with
+# other values of these (another device, more threads, another log interval).
+_HOW_NOT_WHAT = {"device", "compile", "threads", "out", "log_every", "checkpoint_every"}
+_HOW_NOT_WHAT |= {"resume", "progress"}
+
+
+class SetupError(ValueError):
+    """The data or the configuration cannot be trained on; raised before training starts."""
+
+
+# ---------------------------------------------------------------------------- data and model
+
+
+def load_structures(config: TrainConfig) -> list:
+    """The structures of ``config.data``, checked (:class:`SetupError` names a bad one)."""
+    if config.data == "emt":
+        structures = emt_clusters(config.num_structures, shells=config.shells, seed=config.seed)
+    else:
+        from ase.io import read
+
+        try:
+            structures = read(config.data, ":")
+        except Exception as error:  # ase raises many kinds, for files it cannot parse
+            raise SetupError(f"cannot read {config.data}: {error}") from None
+    try:
+        check_structures(structures)
+    except ValueError as error:
+        raise SetupError(f"{config.data}: {error}") from None
+    return structures
+
+
+def split(structures: Sequence, validation_fraction: float, seed: int) -> tuple:
+    """``(training, validation)``: a seeded random choice of ``round(fraction * n)``
+    structures for validation; each part keeps the structures in their original order."""
+    num_validation = round(validation_fraction * len(structures))
+    if not 0 <= num_validation < len(structures):
+        raise SetupError(
+            f"validation_fraction={validation_fraction} of {len(structures)} structures "
+            "leaves none to train on"
+        )
+    chosen = torch.randperm(len(structures), generator=torch.Generator().manual_seed(seed))
+    held_out = set(chosen[:num_validation].tolist())
+    training = [atoms for i, atoms in enumerate(structures) if i not in held_out]
+    validation = [atoms for i, atoms in enumerate(structures) if i in held_out]
+    return training, validation
+
+
+def _model_options(config: TrainConfig, species: list) -> dict:
+    return dict(
+        species=species,
+        irreps_hidden=config.irreps_hidden,
+        max_radius=config.max_radius,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+    )
+
+
+def _build_model(options: dict, dtype: str) -> EnergyModel:
+    with default_dtype(DTYPES[dtype]):  # e3nn builds its constants in the default dtype
+        return EnergyModel(**options)
+
+
+def load_model(path) -> EnergyModel:
+    """The trained model that :func:`fit` saved in ``path`` (its ``model.pt``, or the file)."""
+    path = Path(path)
+    saved = torch.load(path / "model.pt" if path.is_dir() else path, weights_only=True)
+    model = _build_model(saved["options"], saved["dtype"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def compile_for_inference(model: EnergyModel) -> EnergyModel:
+    """A copy of ``model`` whose transformer blocks are compiled by ``torch.compile``, for
+    evaluation (energies and forces, ``model.eval()``). Copy the parameters in before use
+    (``compiled.load_state_dict(model.state_dict())``): that recompiles nothing.
+
+    Not for training: the force loss differentiates the forces, a gradient, once more, and
+    torch.compile (AOTAutograd) cannot differentiate a compiled backward twice. The layer norms
+    stay eager (``torch.compiler.disable``): their ``forward`` loops over e3nn ``Irreps``,
+    whose items raise on ``len()``, which torch.compile's guards call. torch-scatter has no
+    fake-tensor kernels that torch.compile could trace, so the pure-torch backend is needed
+    (``SE3TUTOR_BACKEND=torch``).
+    """
+    from se3tutor.graph import available_backends
+    from se3tutor.norm import EquivariantLayerNorm
+
+    if available_backends()["scatter"] != "torch":
+        raise SetupError("torch.compile needs the pure-torch backend: SE3TUTOR_BACKEND=torch")
+    compiled = copy.deepcopy(model).eval()
+    for module in compiled.modules():
+        if isinstance(module, EquivariantLayerNorm):
+            module.forward = torch.compiler.disable(module.forward)
+    for block in compiled.transformer.blocks:
+        block.compile()
+    return compiled
+
+
+# ---------------------------------------------------------------------------- one step, one epoch
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _train_step(model, optimizer, schedule, structures, as_batch, config, processes):
+    """One optimiser step on a global batch of ``structures`` (every process passes all of
+    them and takes its shard; ``as_batch`` collates a list of them onto the device). Returns
+    ``[loss, energy term, force term]`` of the global batch.
+    """
+    counts = dict(num_graphs=len(structures), num_atoms=sum(len(atoms) for atoms in structures))
+    mine = structures[processes.rank :: processes.world_size]
+    # DDP averages the gradients over the processes; each backpropagates world_size times its
+    # part of the loss, so that the average is the gradient of the sum (se3tutor.distributed).
+    weight = processes.world_size
+    if not mine:  # a last batch with fewer structures than processes: a stand-in of weight 0,
+        mine, weight = structures[:1], 0  # since every process must take part in the step
+    data = as_batch(mine)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
+        loss, energy_term, force_term = energy_force_loss(
+            model, data, config.force_weight, **counts
+        )
+    optimizer.zero_grad()
+    (loss * weight).backward()
+    optimizer.step()
+    schedule.step()
+    terms = torch.stack([loss, energy_term, force_term]).detach()
+    return distributed.all_sum(terms if weight else torch.zeros_like(terms))
+
+
+@torch.no_grad()
+def _gradient_norm(model) -> torch.Tensor:
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def evaluate(model: EnergyModel, structures: Sequence, batch_size: int = 16, processes=None):
+    """Errors of ``model`` on ``structures``: ``energy_mae_per_atom`` (eV/atom, the mean over
+    structures of :math:`|\\hat E_b - E_b| / N_b`), ``force_mae`` and ``force_rmse`` (eV/Å, over
+    force components). Several ``processes`` share the structures and sum their errors."""
+    parameter = next(model.parameters())
+    processes = processes or distributed.Processes(0, 1, parameter.device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=parameter.device)  # |dE|/N, |dF|, dF^2
+    mine = structures[processes.rank :: processes.world_size]
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start : start + batch_size]
+        data = _to_device(collate(batch, model.species, parameter.dtype), parameter.device)
+        energy, forces = model(data["pos"], data["species_index"], data["batch"], len(batch))
+        atoms_per_graph = torch.bincount(data["batch"], minlength=len(batch))
+        energy_error = ((energy - data["energy"]) / atoms_per_graph).detach().double()
+        force_error = (forces - data["forces"]).detach().double()
+        sums += torch.stack(
+            [energy_error.abs().sum(), force_error.abs().sum(), force_error.pow(2).sum()]
+        )
+    model.train(was_training)
+    energy_sum, force_sum, force_square_sum = distributed.all_sum(sums).tolist()
+    num_components = 3 * sum(len(atoms) for atoms in structures)
+    return {
+        "energy_mae_per_atom": energy_sum / len(structures),
+        "force_mae": force_sum / num_components,
+        "force_rmse": math.sqrt(force_square_sum / num_components),
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class _Log:
+    """``log.jsonl``: one JSON record a line, written by the main process only.
+
+    A resumed run cuts the file back to the size its checkpoint recorded (``cut_to``), so that
+    the steps it repeats are not logged twice."""
+
+    def __init__(self, path: Path, enabled: bool, cut_to: int) -> None:
+        self.file = open(path, "ab") if enabled else None
+        if self.file:
+            self.file.truncate(min(cut_to, self.size()))  # "ab": writes go to the (new) end
+
+    def write(self, event: str, **record) -> None:
+        if self.file:
+            self.file.write((json.dumps({"event": event, **record}) + "\n").encode())
+            self.file.flush()  # a killed process leaves every record it wrote
+
+    def size(self) -> int:
+        return os.fstat(self.file.fileno()).st_size if self.file else 0
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+_POSITION = ("epoch", "batch", "step", "order", "epoch_loss")  # where a run is
+
+
+@dataclass
+class _Run:
+    """What a run is at a step, and all that its checkpoint holds: in ``epoch``, ``batch``
+    global batches of the epoch's ``order`` are done (``order`` is ``None`` until drawn);
+    ``step`` counts all steps; ``epoch_loss`` sums loss times batch size over the epoch."""
+
+    model: EnergyModel
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # draws the order of each epoch
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    order: Optional[torch.Tensor] = None
+    epoch_loss: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            **{name: getattr(self, name) for name in _POSITION},
+            "random": random_states(),  # not used by the training; for code that adds some
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["generator"])
+        for name in _POSITION:
+            setattr(self, name, state[name])
+        set_random_states(state["random"])
+
+
+def _check_config(config: TrainConfig) -> None:
+    for name in ("num_structures", "epochs", "batch_size", "log_every", "checkpoint_every"):
+        if getattr(config, name) < 1:
+            raise SetupError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.dtype not in DTYPES:
+        raise SetupError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise SetupError(f'device must be "auto", "cpu" or "cuda", got {config.device!r}')
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SetupError("device cuda asked for, but torch sees no GPU")
+    uses_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.amp and not (uses_cuda and config.dtype == "float32"):
+        raise SetupError("amp (bfloat16 autocast) needs CUDA and dtype float32")
+
+
+def _checkpoint_to_resume(config: TrainConfig, out: Path) -> Optional[tuple]:
+    """``(state, path)`` of the checkpoint to resume from, or ``None`` to start afresh."""
+    if not config.resume:
+        if any(out.glob("checkpoint-*.pt")):
+            raise SetupError(f"{out} holds checkpoints but resume is off: choose another out")
+        return None
+    found = load_latest_checkpoint(out)
+    if found is not None:
+        saved, now = found[0]["config"], asdict(config)
+        changed = [key for key in now if key not in _HOW_NOT_WHAT and saved[key] != now[key]]
+        if changed:
+            raise SetupError(
+                f"{found[1]} was written by a run with other {', '.join(changed)}: "
+                f"{ {key: saved[key] for key in changed} }; use the same options, or another out"
+            )
+    return found
+
+
+def fit(config: TrainConfig, structures: Optional[Sequence] = None) -> EnergyModel:
+    """Train as ``config`` says, on ``structures`` (a list of ase ``Atoms``; default: those of
+    ``config.data``). Returns the trained model, in eval mode, on every process. Raises
+    :class:`SetupError` before training for bad data or options."""
+    _check_config(config)
+    if structures is None:
+        structures = load_structures(config)
+    else:
+        try:
+            check_structures(structures)
+        except ValueError as error:
+            raise SetupError(str(error)) from None
+    training, validation = split(structures, config.validation_fraction, config.seed)
+    if config.compile:  # torch.compile cannot trace torch-scatter (see compile_for_inference)
+        os.environ.setdefault("SE3TUTOR_BACKEND", "torch")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    processes = distributed.start(config.device)
+    try:
+        return _fit(config, processes, training, validation)
+    finally:
+        distributed.stop()
+
+
+def _fit(config, processes, training, validation) -> EnergyModel:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    species = sorted({int(z) for atoms in training + validation for z in atoms.numbers})
+    options = _model_options(config, species)
+    torch.manual_seed(config.seed)  # the initial parameters (DDP copies rank 0's to the others)
+    model = _build_model(options, config.dtype).to(processes.device)
+    steps_per_epoch = -(-len(training) // config.batch_size)
+    optimizer, schedule = adam_with_cosine_decay(model, config.lr, config.epochs * steps_per_epoch)
+    run = _Run(model, optimizer, schedule, torch.Generator().manual_seed(config.seed))
+
+    found = _checkpoint_to_resume(config, out)
+    if found is None:
+        fit_reference_energies(model, training)
+    else:
+        run.load_state_dict(found[0])
+    log = _Log(out / "log.jsonl", processes.is_main, cut_to=found[0]["log_bytes"] if found else 0)
+    say = _printer(processes)
+    if found is None:
+        log.write(
+            "start",
+            world_size=processes.world_size,
+            config=asdict(config),
+            num_training=len(training),
+            num_validation=len(validation),
+        )
+        parameters = sum(p.numel() for p in model.parameters())
+        say(
+            f"training on {len(training)} structures, validating on {len(validation)}; "
+            f"{parameters:,} parameters; {processes.world_size} process(es) on "
+            f"{processes.device}; log, checkpoints and model in {out}"
+        )
+    else:
+        log.write("resume", step=run.step, file=found[1].name, world_size=processes.world_size)
+        if run.epoch < config.epochs:
+            say(f"resuming from {found[1]} at step {run.step} (epoch {run.epoch + 1})")
+        else:
+            say(f"{found[1]} ends the run (step {run.step}): nothing left to train")
+
+    if processes.world_size > 1:  # averages the gradients in backward
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        trained = model
+    evaluation_model = compile_for_inference(model) if config.compile else model
+
+    def as_batch(structures):
+        return _to_device(collate(structures, species, DTYPES[config.dtype]), processes.device)
+
+    bar = _progress_bar(config, processes, steps_per_epoch, run.step)
+    while run.epoch < config.epochs:
+        _train_epoch(run, trained, training, as_batch, config, processes, log, bar)
+        metrics = {}
+        if validation:
+            if evaluation_model is not model:
+                evaluation_model.load_state_dict(model.state_dict())
+            metrics = evaluate(evaluation_model, validation, config.batch_size, processes)
+        train_loss = run.epoch_loss / len(training)
+        log.write("epoch", epoch=run.epoch, step=run.step, train_loss=train_loss, **metrics)
+        say(_epoch_summary(run.epoch, config.epochs, train_loss, metrics), bar)
+        run.epoch, run.batch, run.order, run.epoch_loss = run.epoch + 1, 0, None, 0.0
+    bar.close()
+
+    model.eval()
+    if processes.is_main:
+        _save_checkpoint(run, config, out, log)
+        saved = {"options": options, "dtype": config.dtype, "state_dict": model.state_dict()}
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        write_atomically(out / "model.pt", buffer.getvalue())
+        log.write("end", step=run.step)
+        say(f"trained model: {out / 'model.pt'} (se3tutor.train.load_model reads it back)")
+    log.close()
+    return model
+
+
+def _train_epoch(run, trained, training, as_batch, config, processes, log, bar) -> None:
+    """The rest of the epoch ``run.epoch``: its global batches from ``run.batch`` on."""
+    if run.order is None:  # the epoch's order, the same on every process
+        run.order = torch.randperm(len(training), generator=run.generator)
+    steps_per_epoch = -(-len(training) // config.batch_size)
+    trained.train()
+    window_start, window_structures = time.perf_counter(), 0
+    while run.batch < steps_per_epoch:
+        first = run.batch * config.batch_size
+        batch = [training[int(i)] for i in run.order[first : first + config.batch_size]]
+        lr = run.optimizer.param_groups[0]["lr"]
+        terms = _train_step(
+            trained, run.optimizer, run.schedule, batch, as_batch, config, processes
+        )
+        run.batch, run.step = run.batch + 1, run.step + 1
+        loss, energy_term, force_term = terms.tolist()
+        run.epoch_loss += loss * len(batch)
+        window_structures += len(batch)
+        bar.update()
+        if run.step % config.log_every == 0:
+            speed = window_structures / (time.perf_counter() - window_start)
+            log.write(
+                "step",
+                step=run.step,
+                epoch=run.epoch,
+                loss=loss,
+                energy_term=energy_term,
+                force_term=force_term,
+                lr=lr,
+                gradient_norm=float(_gradient_norm(run.model)),
+                structures_per_s=speed,
+            )
+            bar.set_postfix(loss=f"{loss:.4g}", structures_per_s=f"{speed:.1f}")
+            window_start, window_structures = time.perf_counter(), 0
+        last = run.epoch == config.epochs - 1 and run.batch == steps_per_epoch  # saved after
+        if run.step % config.checkpoint_every == 0 and processes.is_main and not last:
+            _save_checkpoint(run, config, out=Path(config.out), log=log)
+
+
+def _save_checkpoint(run: _Run, config: TrainConfig, out: Path, log: _Log) -> None:
+    state = {**run.state_dict(), "config": asdict(config), "log_bytes": log.size()}
+    path = save_checkpoint(state, out, run.step)
+    log.write("checkpoint", step=run.step, file=path.name)
+
+
+def _printer(processes):
+    """``say(text, bar=None)``: a line on the console from the main process (through the
+    progress bar, when there is one, so that the bar stays below it)."""
+
+    def say(text: str, bar=None) -> None:
+        if processes.is_main:
+            if bar is not None and not bar.disable:
+                bar.write(text)
+            else:
+                print(text, flush=True)
+
+    return say
+
+
+def _epoch_summary(epoch: int, epochs: int, train_loss: float, metrics: dict) -> str:
+    text = f"epoch {epoch + 1}/{epochs}: training loss {train_loss:.4g}"
+    if metrics:
+        text += (
+            f"; validation energy MAE {1000 * metrics['energy_mae_per_atom']:.1f} meV/atom, "
+            f"force MAE {metrics['force_mae']:.3f} eV/Å, RMSE {metrics['force_rmse']:.3f} eV/Å"
+        )
+    return text
+
+
+def _progress_bar(config, processes, steps_per_epoch, done):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.epochs * steps_per_epoch,
+        initial=done,
+        unit="step",
+        disable=not (config.progress and processes.is_main),
+        dynamic_ncols=True,
+    )
+
+
+# ---------------------------------------------------------------------------- log and command line
+
+
+def read_log(path) -> list:
+    """The records of a training log (``log.jsonl``, or the run's directory)."""
+    path = Path(path)
+    path = path / "log.jsonl" if path.is_dir() else path
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_log(path):
+    """A matplotlib figure of a training log: the loss (every logged step, and the mean of
+    every epoch), the validation energy MAE per atom, and the validation force MAE and RMSE.
+
+    ``path``: ``log.jsonl``, or the run's directory.
+    """
+    import matplotlib.pyplot as plt
+
+    records = read_log(path)
+    steps = [r for r in records if r["event"] == "step"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    validated = [r for r in epochs if "force_mae" in r]
+    figure, (loss_axes, energy_axes, force_axes) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_axes.semilogy(
+        [r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="batch"
+    )
+    loss_axes.semilogy(
+        [r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="epoch mean"
+    )
+    loss_axes.set(xlabel="step", ylabel="training loss")
+    loss_axes.legend()
+    epoch_numbers = [r["epoch"] + 1 for r in validated]
+    energy_axes.plot(epoch_numbers, [1000 * r["energy_mae_per_atom"] for r in validated], "o-")
+    energy_axes.set(xlabel="epoch", ylabel="validation energy MAE (meV/atom)")
+    force_axes.plot(epoch_numbers, [r["force_mae"] for r in validated], "o-", label="MAE")
+    force_axes.plot(epoch_numbers, [r["force_rmse"] for r in validated], "s-", label="RMSE")
+    force_axes.set(xlabel="epoch", ylabel="validation force error (eV/Å)")
+    force_axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def _parser() -> argparse.ArgumentParser:
+    default = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m se3tutor.train",
+        description="Train an SE(3)-Transformer interatomic potential on energies and forces. "
+        "Under torchrun, each process takes a shard of every batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default=default.data,
+        help='"emt" (EMT copper clusters), or a file of ase Atoms with energies and '
+        'forces, read by ase.io.read(path, ":")',
+    )
+    data.add_argument(
+        "--num-structures", type=int, default=default.num_structures, help="emt: number of clusters"
+    )
+    data.add_argument(
+        "--shells",
+        type=int,
+        nargs="+",
+        default=list(default.shells),
+        help="emt: icosahedron shells to draw from (2: 13 atoms, 3: 55 atoms)",
+    )
+    data.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=default.validation_fraction,
+        help="of the structures, held out to measure the errors after each epoch",
+    )
+    data.add_argument(
+        "--seed",
+        type=int,
+        default=default.seed,
+        help="data, split, initial parameters and batch order",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--irreps-hidden", default=default.irreps_hidden, help="node features")
+    model.add_argument("--num-layers", type=int, default=default.num_layers, help="blocks")
+    model.add_argument("--num-heads", type=int, default=default.num_heads, help="attention")
+    model.add_argument("--max-radius", type=float, default=default.max_radius, help="Å")
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=default.epochs, help="passes over data")
+    training.add_argument(
+        "--batch-size",
+        type=int,
+        default=default.batch_size,
+        help="structures per step, over all processes",
+    )
+    training.add_argument(
+        "--lr",
+        type=float,
+        default=default.lr,
+        help="Adam's learning rate, decaying to 0 along a cosine",
+    )
+    training.add_argument(
+        "--force-weight",
+        type=float,
+        default=default.force_weight,
+        help="lambda in: loss = energy term + lambda * force term",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--dtype", choices=list(DTYPES), default=default.dtype, help="all tensors")
+    run.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=default.device,
+        help="auto: CUDA if there is a GPU",
+    )
+    run.add_argument("--amp", action="store_true", help="CUDA: bfloat16 autocast")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for validation (training stays eager: "
+        "torch.compile cannot differentiate twice); sets SE3TUTOR_BACKEND=torch",
+    )
+    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    run.add_argument("--out", default=default.out, help="directory of log, checkpoints, model")
+    run.add_argument("--log-every", type=int, default=default.log_every, help="steps")
+    run.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every, help="steps")
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=default.resume,
+        help="continue from the last intact checkpoint in --out, if any",
+    )
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=default.progress,
+        help="progress bar",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: ``python -m se3tutor.train --help``. Returns the exit status (2 for
+    bad data or options, with the message on stderr)."""
+    arguments = vars(_parser().parse_args(argv))
+    arguments["shells"] = tuple(arguments["shells"])
+    config = TrainConfig(**{f.name: arguments[f.name] for f in fields(TrainConfig)})
+    try:
+        fit(config)
+    except SetupError as error:
+        print(f"se3tutor.train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

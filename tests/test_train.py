@@ -1,0 +1,250 @@
+"""se3tutor.train: several processes take the steps of one, a killed run resumes to the same
+bits, corrupt checkpoints are passed over, bad data is refused by name, torch.compile agrees.
+
+Runs are tiny (13-atom clusters, one layer of "8x0e + 4x1o", float64) and use one thread per
+process, so that the whole file takes well under a minute or two on two cores (the
+torch.compile check: most of a minute, the first time; inductor caches what it compiled).
+"""
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from se3tutor.checkpoint import load_latest_checkpoint, save_checkpoint
+from se3tutor.checks import default_dtype
+from se3tutor.data import collate, emt_clusters
+from se3tutor.potential import EnergyModel, train_energy_model
+from se3tutor.train import SetupError, TrainConfig, compile_for_inference, fit, main, plot_log
+
+TINY = ["--data", "emt", "--shells", "2", "--irreps-hidden", "8x0e + 4x1o", "--num-layers", "1"]
+TINY += ["--dtype", "float64", "--threads", "1", "--no-progress"]
+TINY_CONFIG = dict(shells=(2,), irreps_hidden="8x0e + 4x1o", num_layers=1, dtype="float64")
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
+TRAIN = [sys.executable, "-m", "se3tutor.train"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def run(command, **options) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=ENVIRONMENT, capture_output=True, text=True, **options)
+
+
+def parameters(out) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def records(out, event) -> list:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def complete_records(out) -> list:
+    """The records of a log that a running process writes to: its complete lines."""
+    log = out / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().split("\n")[:-1]] if log.exists() else []
+
+
+def test_the_command_line_explains_itself(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    assert "--checkpoint-every" in capsys.readouterr().out
+
+
+def test_two_processes_take_the_steps_of_one(tmp_path):
+    # 5 training clusters of 13 and 55 atoms in global batches of 4, then 1: the processes
+    # hold different numbers of atoms, and in the second step process 1 holds none.
+    options = ["--num-structures", "7", "--shells", "2", "3", "--validation-fraction", "0.25"]
+    options += ["--epochs", "1", "--batch-size", "4", "--log-every", "1"]
+    one = run([*TRAIN, *TINY, *options, "--out", str(tmp_path / "one")])
+    two = run(
+        [*TORCHRUN, "--nproc_per_node", "2", "-m", "se3tutor.train", *TINY, *options]
+        + ["--out", str(tmp_path / "two")]
+    )
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert records(tmp_path / "two", "start")[0]["world_size"] == 2
+    # Each epoch's validation errors on the console, once (from the main process only).
+    for done in (one, two):
+        assert done.stdout.count("epoch 1/1: training loss") == 1, done.stdout
+        assert re.search(r"validation energy MAE [\d.]+ meV/atom, force MAE", done.stdout)
+    assert "2 process(es)" in two.stdout
+    # Adam's step hardly depends on the gradient's scale, so compare the gradients too.
+    for single, double in zip(records(tmp_path / "one", "step"), records(tmp_path / "two", "step")):
+        for key in ("loss", "energy_term", "force_term", "gradient_norm"):
+            assert single[key] == pytest.approx(double[key], rel=1e-12, abs=0), key
+    expected, got = parameters(tmp_path / "one"), parameters(tmp_path / "two")
+    difference = max((expected[k] - got[k]).abs().max().item() for k in expected if got[k].numel())
+    print(f"two processes vs one, float64: max |parameter difference| = {difference:.1e}")
+    assert difference < 1e-12
+
+
+def test_a_run_killed_and_resumed_ends_with_exactly_the_parameters_of_an_uninterrupted_one(
+    tmp_path,
+):
+    # 36 training clusters in batches of 2: 18 steps an epoch, 216 in all
+    options = ["--num-structures", "40", "--validation-fraction", "0.1", "--epochs", "12"]
+    options += ["--batch-size", "2", "--log-every", "1", "--checkpoint-every", "10"]
+    uninterrupted = run([*TRAIN, *TINY, *options, "--out", str(tmp_path / "whole")])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    out = tmp_path / "killed"
+    command = [*TRAIN, *TINY, *options, "--out", str(out)]
+    process = subprocess.Popen(command, env=ENVIRONMENT, stderr=subprocess.DEVNULL)
+    while process.poll() is None:
+        time.sleep(0.01)
+        logged = complete_records(out)
+        checkpoints = [r["step"] for r in logged if r["event"] == "checkpoint"]
+        steps = [r["step"] for r in logged if r["event"] == "step"]
+        if checkpoints and steps[-1] >= checkpoints[0] + 3:
+            process.send_signal(signal.SIGKILL)  # 3 steps after the first checkpoint
+            checkpoint_step, killed_at = checkpoints[0], steps[-1]
+            break
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not records(out, "end")
+
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr
+    [resume] = records(out, "resume")
+    print(f"checkpoint at step {checkpoint_step}, killed after step {killed_at}, resumed at")
+    print(f"step {resume['step']} of {len(records(out, 'step'))}")
+    assert checkpoint_step <= resume["step"] < 216
+    expected, got = parameters(tmp_path / "whole"), parameters(out)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    # The log tells the same story, each step once.
+    steps = [(r["step"], r["loss"]) for r in records(out, "step")]
+    assert steps == [(r["step"], r["loss"]) for r in records(tmp_path / "whole", "step")]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed", "no manifest"])
+def test_a_corrupt_checkpoint_is_reported_by_name_and_the_one_before_is_used(tmp_path, damage):
+    for step in (10, 20, 30):
+        save_checkpoint({"step": step, "weight": torch.full((100,), float(step))}, tmp_path, step)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "checkpoint-00000020.pt",
+        "checkpoint-00000030.pt",
+    ]  # the last two are kept
+    newest = tmp_path / "checkpoint-00000030.pt"
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[:-100])
+    elif damage == "one byte changed":
+        data = bytearray(newest.read_bytes())
+        data[len(data) // 2] ^= 1
+        newest.write_bytes(bytes(data))
+    else:
+        newest.with_suffix(".json").unlink()
+    with pytest.warns(UserWarning, match="checkpoint-00000030.pt"):
+        state, path = load_latest_checkpoint(tmp_path)
+    assert path.name == "checkpoint-00000020.pt" and state["step"] == 20
+
+
+def test_training_resumes_from_the_checkpoint_before_a_corrupt_one(tmp_path):
+    structures = emt_clusters(10, shells=(2,), seed=3)
+    config = TrainConfig(
+        **TINY_CONFIG, epochs=2, batch_size=2, checkpoint_every=3, progress=False, out=str(tmp_path)
+    )
+    finished = fit(config, structures)
+    final = sorted(tmp_path.glob("checkpoint-*.pt"))[-1]
+    final.write_bytes(final.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=final.name):
+        again = fit(config, structures)  # resumes from step 6 of 8, ends as before
+    assert records(tmp_path, "resume")[0]["step"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(finished.parameters(), again.parameters()))
+
+
+def labelled(positions, forces=None):
+    atoms = Atoms("Cu" * len(positions), positions=positions)
+    forces = np.zeros((len(positions), 3)) if forces is None else forces
+    atoms.calc = SinglePointCalculator(atoms, energy=1.0, forces=forces)
+    return atoms
+
+
+GOOD = [[0, 0, 0], [2.5, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "file, bad, message",
+    [
+        ("nan.extxyz", labelled([[0, 0, 0], [np.nan, 0, 0]]), "structure 1 .*non-finite positions"),
+        ("one_atom.extxyz", labelled([[0, 0, 0]]), "structure 1 .*1 atom"),
+        (
+            "forces.traj",
+            labelled(GOOD, forces=np.zeros((3, 3))),
+            r"structure 1 .*forces .*\(3, 3\)",
+        ),
+        ("empty.extxyz", None, "cannot read .*empty"),
+    ],
+)
+def test_the_command_line_refuses_bad_data_by_name_before_training(tmp_path, file, bad, message):
+    path = tmp_path / file
+    if bad is None:
+        path.touch()
+    else:
+        write(path, [labelled(GOOD), bad])
+    result = run([*TRAIN, *TINY, "--data", str(path), "--out", str(tmp_path / "run")])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # nothing was trained
+
+
+def test_fit_refuses_an_empty_list_of_structures():
+    with pytest.raises(SetupError, match="empty"):
+        fit(TrainConfig(**TINY_CONFIG), structures=[])
+
+
+def test_one_process_takes_the_steps_of_train_energy_model(tmp_path):
+    structures = emt_clusters(6, shells=(2,), seed=7)
+    config = TrainConfig(
+        **TINY_CONFIG, validation_fraction=0, epochs=3, batch_size=2, lr=1e-2, seed=0
+    )
+    model = fit(dataclasses.replace(config, out=str(tmp_path), progress=False), structures)
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        reference = EnergyModel([29], "8x0e + 4x1o", max_radius=4.5, num_layers=1, num_heads=2)
+    losses = train_energy_model(
+        reference, structures, epochs=3, batch_size=2, lr=1e-2, force_weight=0.1, seed=0
+    )
+    assert [r["train_loss"] for r in records(tmp_path, "epoch")] == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_plot_log_draws_the_loss_and_the_validation_errors(tmp_path):
+    config = TrainConfig(
+        **TINY_CONFIG, epochs=2, batch_size=4, log_every=1, progress=False, out=str(tmp_path)
+    )
+    fit(config, emt_clusters(10, shells=(2,), seed=1))
+    figure = plot_log(tmp_path)
+    loss, energy, force = figure.axes
+    assert len(loss.lines[0].get_xdata()) == 4  # 8 training clusters, 2 steps an epoch
+    assert len(energy.lines[0].get_xdata()) == 2 and len(force.lines) == 2
+
+
+def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monkeypatch):
+    monkeypatch.setenv("SE3TUTOR_BACKEND", "torch")
+    with default_dtype(torch.float64):
+        model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
+    model.eval()
+    data = collate(emt_clusters(2, shells=(2,), seed=2), [29], torch.float64)
+    inputs = (data["pos"], data["species_index"], data["batch"], 2)
+    start = time.perf_counter()
+    compiled = compile_for_inference(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # graph breaks, reported by torch._dynamo
+        energy, forces = compiled(*inputs)
+    print(f"torch.compile and first call: {time.perf_counter() - start:.0f} s")
+    expected_energy, expected_forces = model(*inputs)
+    torch.testing.assert_close(energy, expected_energy, rtol=0, atol=1e-12)
+    torch.testing.assert_close(forces, expected_forces, rtol=0, atol=1e-12)
