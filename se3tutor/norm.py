@@ -148,6 +148,13 @@ class EquivariantLayerNorm(torch.nn.Module):
         self.scope = scope
         num_channels = self.irreps.num_irreps
         num_even_scalars = sum(mul for mul, ir in self.irreps if ir == o3.Irrep("0e"))
+        # The width and the (start, stop, mul, 2l+1, is 0e) of every block, as plain ints: what
+        # forward reads, which torch.compile can trace (it cannot guard on e3nn's Irrep objects).
+        self.dim = self.irreps.dim
+        self.block_layout = tuple(
+            (block.start, block.stop, mul, ir.dim, ir == o3.Irrep("0e"))
+            for (mul, ir), block in zip(self.irreps, self.irreps.slices())
+        )
         if affine:
             self.weight = torch.nn.Parameter(torch.ones(num_channels))
             self.bias = torch.nn.Parameter(torch.zeros(num_even_scalars))
@@ -156,17 +163,17 @@ class EquivariantLayerNorm(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        if f.shape[-1] != self.irreps.dim:
+        if f.shape[-1] != self.dim:
             raise ValueError(
                 f"EquivariantLayerNorm: f has {f.shape[-1]} features, expected irreps "
                 f"{self.irreps} of dim {self.irreps.dim}"
             )
-        blocks = []
+        normalised = []
         channel = even_scalar = 0
         if self.scope == "node":
             node_scale = torch.rsqrt(f.pow(2).mean(dim=-1, keepdim=True) + self.eps)[..., None]
-        for (mul, ir), block in zip(self.irreps, self.irreps.slices()):
-            x = f[..., block].reshape(*f.shape[:-1], mul, ir.dim)  # [..., mul, 2l+1]
+        for start, stop, mul, dim, even_scalars in self.block_layout:
+            x = f[..., start:stop].reshape(*f.shape[:-1], mul, dim)  # [..., mul, 2l+1]
             if self.scope == "node":
                 x = x * node_scale
             else:
@@ -174,12 +181,12 @@ class EquivariantLayerNorm(torch.nn.Module):
                 x = x * torch.rsqrt(mean_square + self.eps)
             if self.affine:
                 x = x * self.weight[channel : channel + mul, None]
-                if ir == o3.Irrep("0e"):
+                if even_scalars:
                     x = x + self.bias[even_scalar : even_scalar + mul, None]
                     even_scalar += mul
             channel += mul
-            blocks.append(x.reshape(*f.shape[:-1], mul * ir.dim))
-        return torch.cat(blocks, dim=-1) if blocks else f
+            normalised.append(x.reshape(*f.shape[:-1], mul * dim))
+        return torch.cat(normalised, dim=-1) if normalised else f
 
     def extra_repr(self) -> str:
         return f"{self.irreps}, eps={self.eps}, affine={self.affine}, scope={self.scope}"

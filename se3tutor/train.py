@@ -196,21 +196,15 @@ def compile_for_inference(model: EnergyModel) -> EnergyModel:
     (``compiled.load_state_dict(model.state_dict())``): that recompiles nothing.
 
     Not for training: the force loss differentiates the forces, a gradient, once more, and
-    torch.compile (AOTAutograd) cannot differentiate a compiled backward twice. The layer norms
-    stay eager (``torch.compiler.disable``): their ``forward`` loops over e3nn ``Irreps``,
-    whose items raise on ``len()``, which torch.compile's guards call. torch-scatter has no
+    torch.compile (AOTAutograd) cannot differentiate a compiled backward twice. torch-scatter has no
     fake-tensor kernels that torch.compile could trace, so the pure-torch backend is needed
     (``SE3TUTOR_BACKEND=torch``).
     """
     from se3tutor.graph import available_backends
-    from se3tutor.norm import EquivariantLayerNorm
 
     if available_backends()["scatter"] != "torch":
         raise SetupError("torch.compile needs the pure-torch backend: SE3TUTOR_BACKEND=torch")
     compiled = copy.deepcopy(model).eval()
-    for module in compiled.modules():
-        if isinstance(module, EquivariantLayerNorm):
-            module.forward = torch.compiler.disable(module.forward)
     for block in compiled.transformer.blocks:
         block.compile()
     return compiled
