@@ -91,9 +91,8 @@ EOF
 )
 
 echo "== the chapters, executed top to bottom"
-cp "${notebooks[@]}" "$WORK/"
-names=()
-for nb in "${notebooks[@]}"; do names+=("$(basename "$nb")"); done
+# With their paths: book/attention.ipynb and book/exercises/attention.ipynb are two notebooks.
+cp --parents "${notebooks[@]}" "$WORK/"
 (cd "$WORK" && "$ROOT/$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    --rootdir "$WORK" --nbval-lax --nbval-current-env --durations=5 "${names[@]}")
+    --rootdir "$WORK" --nbval-lax --nbval-current-env --durations=5 "${notebooks[@]}")
 echo "colab-check: ${#notebooks[@]} chapters ran in the Colab-like environment ($((SECONDS - start)) s)"

@@ -50,6 +50,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -545,14 +546,33 @@ def _epoch_summary(epoch: int, epochs: int, train_loss: float, metrics: dict) ->
     return text
 
 
-def _progress_bar(config, processes, steps_per_epoch, done):
-    from tqdm.auto import tqdm
+class _NoProgressBar:
+    """What the loop calls on a progress bar, doing nothing."""
 
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(config, processes, steps_per_epoch, done):
+    if not (config.progress and processes.is_main):
+        return _NoProgressBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("no progress bar: tqdm is not installed (pip install tqdm)", stacklevel=3)
+        return _NoProgressBar()
     return tqdm(
         total=config.epochs * steps_per_epoch,
         initial=done,
         unit="step",
-        disable=not (config.progress and processes.is_main),
         dynamic_ncols=True,
     )
 

@@ -232,6 +232,15 @@ def test_plot_log_draws_the_loss_and_the_validation_errors(tmp_path):
     assert len(energy.lines[0].get_xdata()) == 2 and len(force.lines) == 2
 
 
+def test_without_tqdm_training_runs_and_says_there_is_no_progress_bar(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm: ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    config = TrainConfig(**TINY_CONFIG, epochs=1, batch_size=4, out=str(tmp_path))
+    with pytest.warns(UserWarning, match="no progress bar: tqdm is not installed"):
+        fit(config, emt_clusters(10, shells=(2,), seed=1))
+    assert len(records(tmp_path, "epoch")) == 1
+
+
 def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monkeypatch):
     monkeypatch.setenv("SE3TUTOR_BACKEND", "torch")
     with default_dtype(torch.float64):
