@@ -8,18 +8,24 @@ features is multiplied with the edge's harmonics on its own ("uvu"), with one we
 channel, path and edge. :class:`DepthwiseTensorProduct` *is* the e3nn product
 (an ``o3.TensorProduct``: same weights, same outputs, same ``state_dict``). When
 ``cuequivariance-torch`` is installed it can hand the work to
-``cuequivariance_torch.ChannelWiseTensorProduct``, which computes the same product (same path
-order, same normalisation, same weight layout) with fused CUDA kernels::
+``cuequivariance_torch.ChannelWiseTensorProduct``, which computes the same product (same paths,
+same normalisation, same weights) with fused CUDA kernels::
 
     pip install cuequivariance-torch cuequivariance-ops-torch-cu12
 
-The backend is an attribute, not a constructor flag, so that every model of the package
-(variants included) switches with one call, :func:`use_backend`. ``"auto"`` (the default)
-uses the kernels for CUDA tensors when both packages are installed, and e3nn otherwise.
+The fused kernel needs every irrep of the node features to have the same multiplicity (as
+:func:`se3tutor.transformer.hidden_irreps` makes them); otherwise cuequivariance computes the
+product with plain torch operations, which is no faster than e3nn.
+
+The backend is an attribute (a constructor argument too), so that every model of the package,
+variants included, switches with one call, :func:`use_backend`. ``"auto"`` (the default) uses
+the fused kernel for CUDA tensors when both packages are installed and the multiplicities
+allow it, and e3nn otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -30,6 +36,7 @@ __all__ = ["BACKENDS", "DepthwiseTensorProduct", "cuequivariance_available", "us
 BACKENDS = ("auto", "e3nn", "cuequivariance")
 
 
+@functools.cache  # asked on every call of an "auto" product: look once
 def cuequivariance_available(kernels: bool = False) -> bool:
     """Whether ``cuequivariance_torch`` (and, with ``kernels``, its CUDA kernels
     ``cuequivariance_ops_torch``) can be imported."""
@@ -38,7 +45,11 @@ def cuequivariance_available(kernels: bool = False) -> bool:
 
 
 class DepthwiseTensorProduct(o3.TensorProduct):
-    """``x (x) Y`` channel by channel ("uvu"): every channel u of every irrep of ``x`` times
+    r"""``x (x) Y`` channel by channel ("uvu"),
+
+    .. math:: m^{p}_{u} = w^{p}_u\, \big(x^{(l_1)}_{u} \otimes Y^{(l_2)}\big)^{(l)}:
+
+    every channel u of every irrep of ``x`` times
     every harmonic, kept where the product's irrep appears in ``irreps_targets``; one weight
     per (channel, path) and edge. Far fewer per-edge weights than a fully connected product,
     whose (channel in, channel out) weights per edge are what make large graphs run out of
@@ -82,6 +93,8 @@ class DepthwiseTensorProduct(o3.TensorProduct):
             internal_weights=False,
         )
         self.irreps_targets = targets
+        # cuequivariance's fused kernel: one multiplicity for all irreps of the node features
+        self.kernel_applies = len({mul for mul, _ in irreps_node}) == 1
         self.backend = backend
         # cuequivariance modules by (device, dtype), made when first needed. Not submodules:
         # they hold no weights, and the state_dict stays that of the e3nn product.
@@ -105,10 +118,14 @@ class DepthwiseTensorProduct(o3.TensorProduct):
     def uses_cuequivariance(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` runs on cuequivariance."""
         if self._backend == "auto":
-            return x.is_cuda and cuequivariance_available(kernels=True)
+            return x.is_cuda and self.kernel_applies and cuequivariance_available(kernels=True)
         return self._backend == "cuequivariance"
 
     def forward(self, x, y, weight=None):
+        # checked here, as e3nn's own path would: cuequivariance's errors name no argument
+        for name, tensor, width in (("x", x, self.irreps_in1.dim), ("y", y, self.irreps_in2.dim)):
+            if tensor.shape[-1] != width:
+                raise ValueError(f"{name} must be [..., {width}], got {list(tensor.shape)}")
         if self.uses_cuequivariance(x):
             return self._cuequivariance_op(x.device, x.dtype)(x, y, weight)
         return super().forward(x, y, weight)

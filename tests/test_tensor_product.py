@@ -41,8 +41,21 @@ def test_auto_is_e3nn_on_the_cpu_and_bad_backends_are_refused():
         use_backend(torch.nn.Sequential(tp), "fast")
 
 
+def test_auto_takes_the_fused_kernel_only_for_one_multiplicity_and_checks_widths():
+    assert DepthwiseTensorProduct("8x0e + 8x1o + 8x2e", "0e + 1o", "0e + 1o").kernel_applies
+    mixed = DepthwiseTensorProduct("32x0e + 16x1o", "0e + 1o", "0e + 1o")
+    assert not mixed.kernel_applies  # cuequivariance would fall back to plain torch
+    x, y = torch.zeros(4, mixed.irreps_in1.dim), torch.zeros(4, 4)
+    with pytest.raises(ValueError, match=r"x must be \[..., 80\], got \[4, 79\]"):
+        mixed(x[:, 1:], y, torch.zeros(4, mixed.weight_numel))
+    with pytest.raises(ValueError, match=r"y must be \[..., 4\]"):
+        mixed(x, y[:, :3], torch.zeros(4, mixed.weight_numel))
+
+
 def test_cuequivariance_refused_with_an_install_hint_when_missing(monkeypatch):
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr(
+        "se3tutor.tensor_product.cuequivariance_available", lambda kernels=False: False
+    )
     with pytest.raises(ImportError, match="pip install cuequivariance-torch"):
         DepthwiseTensorProduct("4x0e", "1x0e", "1x0e", backend="cuequivariance")
 
@@ -101,12 +114,20 @@ def test_a_transformer_on_cuequivariance_gives_the_same_outputs_and_forces():
 
 @needs_cuequivariance
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuequivariance_on_cuda_matches_e3nn_in_float32():
-    irreps_node, irreps_sh, irreps_targets = IRREPS[0]
-    with default_dtype(torch.float32):
-        tp = DepthwiseTensorProduct(irreps_node, irreps_sh, irreps_targets).cuda()
-    args = inputs(tp, num_edges=1000, dtype=torch.float32, device="cuda")
-    assert tp.uses_cuequivariance(args[0]) == cuequivariance_available(kernels=True)
-    expected = use_backend(torch.nn.Sequential(tp), "e3nn")[0](*args)
-    tp.backend = "cuequivariance"
-    assert (tp(*args) - expected).abs().max() <= 1e-5 * expected.abs().max()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cuequivariance_on_cuda_gives_e3nn_values_and_gradients(dtype, tolerance):
+    # one multiplicity: the fused kernel, where cuequivariance-ops-torch is installed
+    with default_dtype(dtype):
+        tp = DepthwiseTensorProduct("16x0e + 16x1o + 16x2e", "0e + 1o + 2e", "0e + 1o + 2e")
+    tp = tp.cuda()
+    assert tp.uses_cuequivariance(torch.zeros(1, device="cuda")) == cuequivariance_available(
+        kernels=True
+    )
+    results = {}
+    for backend in ("e3nn", "cuequivariance"):
+        tp.backend = backend
+        args = inputs(tp, num_edges=1000, dtype=dtype, device="cuda")
+        out = tp(*args)
+        results[backend] = (out, *torch.autograd.grad(out.pow(2).sum(), args))
+    for name, a, b in zip(("out", "x", "y", "weight"), results["e3nn"], results["cuequivariance"]):
+        assert (a - b).abs().max() <= tolerance * a.abs().max(), name
