@@ -33,6 +33,7 @@ import torch
 __all__ = [
     "load_latest_checkpoint",
     "random_states",
+    "read_checkpoint",
     "save_checkpoint",
     "set_random_states",
     "write_atomically",
@@ -66,11 +67,14 @@ def _checkpoints(directory: Path) -> list:
 def save_checkpoint(state: dict, directory, step: int, keep: int = 2) -> Path:
     """Save ``state`` as the checkpoint of ``step`` in ``directory``; delete all but the last
     ``keep`` checkpoints. Returns the path of the ``.pt`` file."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     directory = Path(directory)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     path = directory / f"checkpoint-{step:08d}.pt"
+    path.with_suffix(".json").unlink(missing_ok=True)  # saved again: uncommit the old one first
     write_atomically(path, payload)
     manifest = {"step": step, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     write_atomically(path.with_suffix(".json"), json.dumps(manifest).encode())
@@ -82,8 +86,9 @@ def save_checkpoint(state: dict, directory, step: int, keep: int = 2) -> Path:
     return path
 
 
-def _read_verified(path: Path) -> dict:
+def read_checkpoint(path) -> dict:
     """The state saved in ``path``; ``ValueError`` if it does not match its manifest."""
+    path = Path(path)
     manifest_path = path.with_suffix(".json")
     if not manifest_path.exists():
         raise ValueError("no manifest (the writer stopped before committing it)")
@@ -116,7 +121,7 @@ def load_latest_checkpoint(directory) -> Optional[tuple]:
     """
     for path in reversed(_checkpoints(directory)):
         try:
-            return _read_verified(path), path
+            return read_checkpoint(path), path
         except Exception as error:  # any failure to read it back means: not usable
             warnings.warn(
                 f"checkpoint {path} is corrupt or incomplete ({error}); trying the one before",
@@ -147,8 +152,9 @@ def random_states() -> dict:
 def set_random_states(states: dict) -> None:
     """Restore what :func:`random_states` returned."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and torch.cuda.is_available():  # as many GPUs as both machines have
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
     name, keys, position, has_gauss, cached_gaussian = states["numpy"]
     keys = keys.numpy().astype(np.uint32)
     np.random.set_state((name, keys, position, has_gauss, cached_gaussian))  # noqa: NPY002

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Processes", "all_sum", "shard", "start", "stop"]
+__all__ = ["Processes", "all_sum", "from_main", "shard", "start", "stop"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def start(device: str = "auto") -> Processes:
     if device == "cuda":
         chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl", device_id=chosen)
+        dist.init_process_group("nccl")
     else:
         chosen = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -90,3 +90,13 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def from_main(value):
+    """Rank 0's ``value`` (any picklable object), on every process: what rank 0 decided, for
+    the others to follow (the checkpoint to resume from)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -93,6 +93,8 @@ class DepthwiseTensorProduct(o3.TensorProduct):
             internal_weights=False,
         )
         self.irreps_targets = targets
+        # widths as plain ints: forward reads them, and torch.compile cannot guard on Irreps
+        self.width_x, self.width_y = irreps_node.dim, irreps_sh.dim
         # cuequivariance's fused kernel: one multiplicity for all irreps of the node features
         self.kernel_applies = len({mul for mul, _ in irreps_node}) == 1
         self.backend = backend
@@ -123,7 +125,7 @@ class DepthwiseTensorProduct(o3.TensorProduct):
 
     def forward(self, x, y, weight=None):
         # checked here, as e3nn's own path would: cuequivariance's errors name no argument
-        for name, tensor, width in (("x", x, self.irreps_in1.dim), ("y", y, self.irreps_in2.dim)):
+        for name, tensor, width in (("x", x, self.width_x), ("y", y, self.width_y)):
             if tensor.shape[-1] != width:
                 raise ValueError(f"{name} must be [..., {width}], got {list(tensor.shape)}")
         if self.uses_cuequivariance(x):

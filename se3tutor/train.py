@@ -57,11 +57,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from e3nn import o3
 
 from se3tutor import distributed
 from se3tutor.checkpoint import (
     load_latest_checkpoint,
     random_states,
+    read_checkpoint,
     save_checkpoint,
     set_random_states,
     write_atomically,
@@ -185,7 +187,8 @@ def _build_model(options: dict, dtype: str) -> EnergyModel:
 def load_model(path) -> EnergyModel:
     """The trained model that :func:`fit` saved in ``path`` (its ``model.pt``, or the file)."""
     path = Path(path)
-    saved = torch.load(path / "model.pt" if path.is_dir() else path, weights_only=True)
+    file = path / "model.pt" if path.is_dir() else path
+    saved = torch.load(file, map_location="cpu", weights_only=True)  # trained on a GPU or not
     model = _build_model(saved["options"], saved["dtype"])
     model.load_state_dict(saved["state_dict"])
     return model.eval()
@@ -270,7 +273,9 @@ def evaluate(model: EnergyModel, structures: Sequence, batch_size: int = 16, pro
             [energy_error.abs().sum(), force_error.abs().sum(), force_error.pow(2).sum()]
         )
     model.train(was_training)
-    energy_sum, force_sum, force_square_sum = distributed.all_sum(sums).tolist()
+    if processes.world_size > 1:  # each process evaluated its share
+        sums = distributed.all_sum(sums)
+    energy_sum, force_sum, force_square_sum = sums.tolist()
     num_components = 3 * sum(len(atoms) for atoms in structures)
     return {
         "energy_mae_per_atom": energy_sum / len(structures),
@@ -349,6 +354,25 @@ def _check_config(config: TrainConfig) -> None:
     for name in ("num_structures", "epochs", "batch_size", "log_every", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise SetupError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("num_layers", "num_heads"):
+        if getattr(config, name) < 1:
+            raise SetupError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("max_radius", "lr"):
+        if not getattr(config, name) > 0:
+            raise SetupError(f"{name} must be > 0, got {getattr(config, name)}")
+    if not config.force_weight >= 0:
+        raise SetupError(f"force_weight must be >= 0, got {config.force_weight}")
+    if not 0 <= config.validation_fraction < 1:
+        raise SetupError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    if config.threads is not None and config.threads < 1:
+        raise SetupError(f"threads must be >= 1, got {config.threads}")
+    try:
+        irreps = o3.Irreps(config.irreps_hidden)
+    except (ValueError, AssertionError) as error:  # e3nn raises either, for a bad string
+        message = f"irreps_hidden {config.irreps_hidden!r} are not irreps ({error})"
+        raise SetupError(message) from None
+    if o3.Irrep("0e") not in [ir for _, ir in irreps]:
+        raise SetupError(f"irreps_hidden {config.irreps_hidden!r} need 0e (the energies are 0e)")
     if config.dtype not in DTYPES:
         raise SetupError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
     if config.device not in ("auto", "cpu", "cuda"):
@@ -360,13 +384,18 @@ def _check_config(config: TrainConfig) -> None:
         raise SetupError("amp (bfloat16 autocast) needs CUDA and dtype float32")
 
 
-def _checkpoint_to_resume(config: TrainConfig, out: Path) -> Optional[tuple]:
-    """``(state, path)`` of the checkpoint to resume from, or ``None`` to start afresh."""
+def _checkpoint_to_resume(config: TrainConfig, out: Path, processes) -> Optional[tuple]:
+    """``(state, path)`` of the checkpoint to resume from, or ``None`` to start afresh. The
+    main process chooses, and the others read the file it chose: each choosing for itself,
+    processes on several machines could see different files and resume at different steps."""
     if not config.resume:
         if any(out.glob("checkpoint-*.pt")):
             raise SetupError(f"{out} holds checkpoints but resume is off: choose another out")
         return None
-    found = load_latest_checkpoint(out)
+    found = load_latest_checkpoint(out) if processes.is_main else None
+    chosen = distributed.from_main(found[1].name if found else None)
+    if chosen is not None and not processes.is_main:
+        found = read_checkpoint(out / chosen), out / chosen
     if found is not None:
         saved, now = found[0]["config"], asdict(config)
         changed = [key for key in now if key not in _HOW_NOT_WHAT and saved[key] != now[key]]
@@ -402,9 +431,36 @@ def fit(config: TrainConfig, structures: Optional[Sequence] = None) -> EnergyMod
         distributed.stop()
 
 
+def _lock(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` (released when the returned file is closed, or
+    the process ends): two runs writing into one directory would cut each other's log and
+    delete each other's files."""
+    file = open(out / ".lock", "a")  # noqa: SIM115 (held open for the whole run)
+    try:
+        import fcntl  # POSIX; elsewhere, no lock
+    except ImportError:
+        return file
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        message = f"another run is writing to {out}: wait for it, or choose another out"
+        raise SetupError(message) from None
+    return file
+
+
 def _fit(config, processes, training, validation) -> EnergyModel:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out) if processes.is_main else None
+    try:
+        return _fit_locked(config, processes, training, validation, out)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit_locked(config, processes, training, validation, out: Path) -> EnergyModel:
     species = sorted({int(z) for atoms in training + validation for z in atoms.numbers})
     options = _model_options(config, species)
     torch.manual_seed(config.seed)  # the initial parameters (DDP copies rank 0's to the others)
@@ -413,7 +469,7 @@ def _fit(config, processes, training, validation) -> EnergyModel:
     optimizer, schedule = adam_with_cosine_decay(model, config.lr, config.epochs * steps_per_epoch)
     run = _Run(model, optimizer, schedule, torch.Generator().manual_seed(config.seed))
 
-    found = _checkpoint_to_resume(config, out)
+    found = _checkpoint_to_resume(config, out, processes)
     if found is None:
         fit_reference_energies(model, training)
     else:
@@ -465,9 +521,12 @@ def _fit(config, processes, training, validation) -> EnergyModel:
     bar.close()
 
     model.eval()
+    finished_before = found is not None and found[0]["epoch"] >= config.epochs
     if processes.is_main:
-        _save_checkpoint(run, config, out, log)
-        saved = {"options": options, "dtype": config.dtype, "state_dict": model.state_dict()}
+        if not finished_before:
+            _save_checkpoint(run, config, out, log)
+        state_dict = {key: value.cpu() for key, value in model.state_dict().items()}
+        saved = {"options": options, "dtype": config.dtype, "state_dict": state_dict}
         buffer = io.BytesIO()
         torch.save(saved, buffer)
         write_atomically(out / "model.pt", buffer.getvalue())
@@ -694,7 +753,8 @@ def _parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="torch.compile the model for validation (training stays eager: "
-        "torch.compile cannot differentiate twice); sets SE3TUTOR_BACKEND=torch",
+        "torch.compile cannot differentiate twice); needs SE3TUTOR_BACKEND=torch, "
+        "which it sets when unset",
     )
     run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     run.add_argument("--out", default=default.out, help="directory of log, checkpoints, model")

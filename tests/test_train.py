@@ -27,7 +27,15 @@ from se3tutor.checkpoint import load_latest_checkpoint, save_checkpoint
 from se3tutor.checks import default_dtype
 from se3tutor.data import collate, emt_clusters
 from se3tutor.potential import EnergyModel, train_energy_model
-from se3tutor.train import SetupError, TrainConfig, compile_for_inference, fit, main, plot_log
+from se3tutor.train import (
+    SetupError,
+    TrainConfig,
+    compile_for_inference,
+    fit,
+    main,
+    plot_log,
+    read_log,
+)
 
 TINY = ["--data", "emt", "--shells", "2", "--irreps-hidden", "8x0e + 4x1o", "--num-layers", "1"]
 TINY += ["--dtype", "float64", "--threads", "1", "--no-progress"]
@@ -257,3 +265,39 @@ def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monke
     expected_energy, expected_forces = model(*inputs)
     torch.testing.assert_close(energy, expected_energy, rtol=0, atol=1e-12)
     torch.testing.assert_close(forces, expected_forces, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--irreps-hidden", "foo"], "irreps_hidden 'foo' are not irreps"),
+        (["--irreps-hidden", "4x1o"], "need 0e"),
+        (["--max-radius", "-1"], "max_radius must be > 0"),
+        (["--num-heads", "0"], "num_heads must be >= 1"),
+        (["--validation-fraction", "-0.5"], r"validation_fraction must be in \[0, 1\)"),
+    ],
+)
+def test_the_command_line_refuses_bad_options_by_name(tmp_path, capsys, option, message):
+    assert main([*TINY, *option, "--out", str(tmp_path)]) == 2
+    assert re.search(f"se3tutor.train: error: .*{message}", capsys.readouterr().err)
+    assert not (tmp_path / "log.jsonl").exists()  # refused before anything started
+
+
+def test_a_second_run_on_the_same_directory_is_refused_and_a_finished_run_is_left_alone(
+    tmp_path,
+):
+    import fcntl
+
+    config = TrainConfig(**TINY_CONFIG, epochs=1, batch_size=4, progress=False, out=str(tmp_path))
+    structures = emt_clusters(6, shells=(2,), seed=1)
+    with open(tmp_path / ".lock", "a") as held:  # as a run in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SetupError, match="another run is writing to"):
+            fit(config, structures)
+    fit(config, structures)
+    saved = {path: path.stat().st_mtime_ns for path in tmp_path.glob("checkpoint-*")}
+    fit(config, structures)  # finished: resumes at the end, and rewrites no checkpoint
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.glob("checkpoint-*")} == saved
+    assert [r["event"] for r in read_log(tmp_path)][-2:] == ["resume", "end"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        save_checkpoint({"step": 1}, tmp_path, 1, keep=0)
