@@ -76,12 +76,17 @@ class ShapeClassifier(torch.nn.Module):
     .. math:: \ell_{Sc} = \frac{1}{|S|} \sum_{i \in S} \big(s_{ic} + p_{ic}\big).
 
     Rotations leave both terms unchanged; a mirror leaves :math:`s` and flips the sign of
-    :math:`p`, which is how the scores of a shape and of its mirror image can differ. The
-    pseudoscalars are zero unless ``irreps_hidden`` has odd scalars or even vectors (e.g.
-    ``hidden_irreps(mul, lmax, "SE3")``) and the model has at least three layers: a
-    pseudoscalar of positions is at least a triple product of three directions, and each layer
-    brings in one. Without ``0o`` among the hidden irreps there is none to read out, and
-    :math:`p = 0`.
+    :math:`p`, which is how the scores of a shape and of its mirror image can differ.
+
+    The pseudoscalars are read out only when ``irreps_hidden`` contains ``0o``
+    (``reads_pseudoscalars``; e.g. ``hidden_irreps(mul, lmax, "SE3")``); without it
+    :math:`p = 0`. With it, :math:`p` is still zero unless the hidden irreps also hold a path
+    that makes a ``0o`` from the geometry, and the model has the layers to follow it. Each layer
+    brings in one edge direction (its harmonics are ``0e + 1o + ...``), and a pseudoscalar of
+    positions is at least a triple product of three directions: ``0e x 1o -> 1o`` (layer 1),
+    ``1o x 1o -> 1e`` (layer 2, a cross product), ``1e x 1o -> 0o`` (layer 3). So it needs
+    ``1e`` among the hidden irreps too, and at least three layers; with natural parities only
+    (``0e + 1o + 2e + ...``) no path leads to ``0o``.
 
     Args:
         num_classes: number of classes.
@@ -92,11 +97,15 @@ class ShapeClassifier(torch.nn.Module):
     Shapes: ``pos [num_points, 3]``, ``batch [num_points]`` (default: one shape) ->
     ``[num_shapes, num_classes]``.
 
+    ``forward`` and :meth:`invariants` take ``num_shapes``, the number of shapes of the batch:
+    pass it (``len(labels)``, say) to avoid ``int(batch.max()) + 1``, which waits for the GPU.
+    A shape id in ``[0, num_shapes)`` that no point has gets a row of zeros.
+
     >>> from se3tutor.transformer import hidden_irreps
     >>> pos, labels, batch = tetris()
     >>> model = ShapeClassifier(8, hidden_irreps(4, 1, "SE3"), max_radius=3.5)
-    >>> model(pos, batch).shape
-    torch.Size([8, 8])
+    >>> model(pos, batch).shape, model(pos, batch, num_shapes=len(labels)).shape
+    (torch.Size([8, 8]), torch.Size([8, 8]))
     """
 
     def __init__(
@@ -128,22 +137,41 @@ class ShapeClassifier(torch.nn.Module):
         )
 
     def invariants(
-        self, pos: torch.Tensor, batch: Optional[torch.Tensor] = None
+        self,
+        pos: torch.Tensor,
+        batch: Optional[torch.Tensor] = None,
+        num_shapes: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The means over each shape of the scalars and of the pseudoscalars, each
-        ``[num_shapes, num_classes]``."""
+        ``[num_shapes, num_classes]``.
+
+        ``num_shapes``: the number of shapes, every entry of ``batch`` below it (default
+        ``int(batch.max()) + 1``, a host sync; 1 without ``batch``). A shape with no point gets
+        a row of zeros."""
         if not isinstance(pos, torch.Tensor):
             raise TypeError(f"pos must be a torch.Tensor, got {type(pos).__name__}")
+        if num_shapes is not None:
+            if isinstance(num_shapes, bool) or not isinstance(num_shapes, int) or num_shapes < 1:
+                raise ValueError(f"num_shapes must be a positive int, got {num_shapes!r}")
+            if batch is None and num_shapes != 1:
+                raise ValueError(f"without batch there is one shape, got num_shapes={num_shapes}")
         f = pos.new_ones(pos.shape[0], 1)  # the input of every point: 1x0e
         out = self.transformer(f, pos, batch)  # validates pos and batch; [num_points, C or 2 C]
         if batch is None:
-            batch = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
-        per_shape = scatter(out, batch, dim=0, reduce="mean")  # [num_shapes, C or 2 C]
+            batch, num_shapes = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device), 1
+        # [num_shapes, C or 2 C]
+        per_shape = scatter(out, batch, dim=0, dim_size=num_shapes, reduce="mean")
         if not self.reads_pseudoscalars:
             return per_shape, torch.zeros_like(per_shape)
         scalars, pseudoscalars = per_shape.split(self.num_classes, dim=1)
         return scalars, pseudoscalars
 
-    def forward(self, pos: torch.Tensor, batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        scalars, pseudoscalars = self.invariants(pos, batch)
+    def forward(
+        self,
+        pos: torch.Tensor,
+        batch: Optional[torch.Tensor] = None,
+        num_shapes: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Class scores ``[num_shapes, num_classes]``; ``num_shapes`` as in :meth:`invariants`."""
+        scalars, pseudoscalars = self.invariants(pos, batch, num_shapes)
         return scalars + pseudoscalars

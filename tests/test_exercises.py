@@ -459,6 +459,138 @@ def test_forces_checker_names_the_mistake(mistake, match):
     rejects(exercises.check_forces, partial(energy_and_forces, mistake=mistake), match)
 
 
+# ------------------------------------------------------------------ non-finite answers
+
+
+NAN = float("nan")
+
+
+def nan_tensor(shape, like):
+    return torch.full(tuple(shape), NAN, dtype=like.dtype, device=like.device)
+
+
+class NaNLayer(torch.nn.Module):
+    """A layer whose output is NaN everywhere (it depends on pos, so it has a gradient)."""
+
+    def __init__(self, irreps_input, irreps_output, *args, **kwargs):
+        super().__init__()
+        self.dim = o3.Irreps(irreps_output).dim
+
+    def forward(self, f, pos, edge_index=None, batch=None):
+        return pos[:, :1] * nan_tensor((len(pos), self.dim), pos)
+
+
+# Every checker, with an answer of the right shape (and type) whose numbers are all NaN.
+NAN_ANSWERS = {
+    "check_radial_embedding": (lambda r, r_max, b: nan_tensor((len(r), b), r), {}),
+    "check_convolution": (
+        lambda layer, f, pos, edges: nan_tensor((len(pos), layer.irreps_output.dim), pos),
+        {},
+    ),
+    "check_segment_softmax": (lambda logits, edge_dst, n: nan_tensor(logits.shape, logits), {}),
+    "check_attention": (
+        lambda layer, f, pos, edges: nan_tensor((len(pos), layer.irreps_output.dim), pos),
+        {},
+    ),
+    "check_second_moment_per_irrep": (
+        lambda f, irreps: {str(ir): torch.tensor(NAN) for _, ir in irreps},
+        {},
+    ),
+    "check_normalization": (
+        lambda layer, f, pos, edges: nan_tensor((len(pos), layer.irreps_output.dim), pos),
+        {},
+    ),
+    "check_layer_norm": (lambda f, irreps: nan_tensor(f.shape, f), {}),
+    "check_smooth_cutoff": (lambda r, r_max: nan_tensor(r.shape, r), {}),
+    "check_smooth_layer": (NaNLayer, {}),
+    "check_transformer_block": (lambda block, f, edges: nan_tensor(f.shape, f), {}),
+    "check_equivariant": (
+        lambda f, pos: nan_tensor((len(pos), 3), pos),
+        {"irreps_in": "1x0e", "irreps_out": "1x1o"},
+    ),
+    "check_forces": (
+        lambda model, pos, batch, num_graphs, training=False: (
+            nan_tensor((num_graphs,), pos),
+            nan_tensor(pos.shape, pos),
+        ),
+        {},
+    ),
+}
+
+
+def test_every_checker_has_a_nan_answer():
+    checkers = {name for name in exercises.__all__ if name.startswith("check_")}
+    assert checkers == set(NAN_ANSWERS)
+
+
+@pytest.mark.parametrize("checker", sorted(NAN_ANSWERS))
+def test_every_checker_rejects_an_all_nan_answer(checker):
+    answer, kwargs = NAN_ANSWERS[checker]
+    with pytest.raises(ExerciseError, match=r"NaN|non-finite") as error:
+        getattr(exercises, checker)(answer, **kwargs)
+    assert " is not right yet" in str(error.value)
+
+
+def test_second_moment_checker_rejects_a_nan_for_one_irrep_type():
+    def one_nan(f, irreps):
+        moments = second_moment_per_irrep(f, irreps)
+        return {**moments, "1o": float("nan")}
+
+    rejects(exercises.check_second_moment_per_irrep, one_nan, r"NaN for 1o")
+
+
+def test_smooth_cutoff_checker_rejects_nan_just_inside_the_cutoff():
+    def nan_near_the_cutoff(r, r_max):  # NaN in (r_max - 1e-6, r_max): between the grid points
+        return torch.where((r < r_max) & (r > r_max - 1e-6), NAN, cutoff(r, r_max))
+
+    rejects(exercises.check_smooth_cutoff, nan_near_the_cutoff, r"NaN or inf")
+
+
+def test_smooth_layer_checker_rejects_nan_along_the_path():
+    class NaNBeyond(se3tutor.Convolution):  # NaN once node 4 (of 5) has moved past x = 1.3
+        def forward(self, f, pos, edge_index=None, batch=None):
+            out = super().forward(f, pos, edge_index, batch)
+            node_4 = (torch.arange(len(pos), device=pos.device) % 5 == 4)[:, None]
+            return torch.where(node_4 & (pos[:, :1] > 1.3), NAN, 1.0) * out
+
+    layer = partial(NaNBeyond, cutoff=True, radial_activation=silu)
+    rejects(exercises.check_smooth_layer, layer, r"NaN or inf")
+
+
+def test_equivariant_checker_rejects_nan_on_moved_points():
+    model = make_vector_model("equivariant")
+    first = {}
+
+    def nan_elsewhere(f, pos):  # right on the points it first sees, NaN on any others
+        first.setdefault("pos", pos.clone())
+        out = model(f, pos)
+        return out if torch.equal(pos, first["pos"]) else torch.full_like(out, NAN)
+
+    rejects(
+        exercises.check_equivariant,
+        nan_elsewhere,
+        r"NaN or inf",
+        irreps_in="1x0e",
+        irreps_out="1x1o",
+    )
+
+
+def test_layer_norm_checker_rejects_nan_on_rotated_features():
+    first = {}
+
+    def nan_elsewhere(f, irreps):  # right on the features it first sees, NaN on any others
+        first.setdefault("f", f.clone())
+        out = layer_norm(f, irreps)
+        return out if torch.equal(f, first["f"]) else torch.full_like(out, NAN)
+
+    rejects(exercises.check_layer_norm, nan_elsewhere, r"NaN or inf")
+
+
+def test_convolution_checker_explains_an_output_of_zeros():
+    zeros = lambda layer, f, pos, edges: torch.zeros(len(pos), layer.irreps_output.dim)  # noqa: E731
+    rejects(exercises.check_convolution, zeros, r"all 0")
+
+
 # --------------------------------------------------------------------- the student notebooks
 
 

@@ -198,3 +198,29 @@ def test_classifier_rejects_bad_input():
         model(pos.float(), batch)
     with pytest.raises(ValueError, match="num_classes"):
         ShapeClassifier(0, "4x0e", max_radius=MAX_RADIUS)
+
+
+def test_num_shapes_sets_the_number_of_rows_and_gaps_get_zeros():
+    model = build_classifier("SE3")
+    pos, labels, batch = tetris(torch.float64)
+    with torch.no_grad():
+        scores = model(pos, batch)
+        assert torch.equal(model(pos, batch, num_shapes=len(labels)), scores)
+        # Shape ids 0, 2, ..., 14: without num_shapes the last row would be shape 14's.
+        spread = model(pos, 2 * batch, num_shapes=17)
+        scalars, pseudoscalars = model.invariants(pos, 2 * batch, num_shapes=17)
+        alone = model(pos[:4], num_shapes=1)
+    assert spread.shape == scalars.shape == pseudoscalars.shape == (17, 8)
+    assert (spread[::2][:8] - scores).abs().max() < TOLERANCE_FLOAT64
+    assert spread[1::2].abs().max() == 0 and spread[16].abs().max() == 0
+    assert (alone - scores[:1]).abs().max() < TOLERANCE_FLOAT64
+
+
+def test_num_shapes_must_be_a_positive_int_and_one_without_batch():
+    model = build_classifier("SE3")
+    pos, labels, batch = tetris(torch.float64)
+    for wrong in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_shapes"):
+            model(pos, batch, num_shapes=wrong)
+    with pytest.raises(ValueError, match="without batch"):
+        model.invariants(pos[:4], num_shapes=2)

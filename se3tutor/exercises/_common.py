@@ -154,6 +154,14 @@ def check_tensor(
     return got
 
 
+def is_finite(x) -> bool:
+    """Whether ``x`` (a number or a tensor) holds no NaN and no inf. Compare measured errors
+    as ``not (error <= tolerance)``, or test this first: ``nan > tolerance`` is ``False``."""
+    if isinstance(x, torch.Tensor):
+        return bool(x.detach().isfinite().all())
+    return math.isfinite(x)
+
+
 def largest_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.detach() - expected.detach()).abs().max()) if got.numel() else 0.0
 
@@ -189,7 +197,7 @@ def scalar_factor(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
     """``c`` when ``got`` is ``c * expected`` (within float32 rounding), else ``None``."""
     got, expected = got.detach().flatten().double(), expected.detach().flatten().double()
     norm2 = float(expected @ expected)
-    if norm2 == 0:
+    if norm2 == 0 or not is_finite(got):
         return None
     c = float(got @ expected) / norm2
     residual = float((got - c * expected).abs().max())
@@ -199,13 +207,15 @@ def scalar_factor(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
 def explain_factor(c: float, factors: dict, max_terms: int = 3) -> Optional[list]:
     """Which known mistakes, each multiplying the output by a known factor, multiply together
     to ``c``: the names of the set (of at most ``max_terms``) whose product is closest to
-    ``c``, if within 0.5 %, else ``None``."""
+    ``c``, if within 0.5 %, else ``None`` (always for ``c = 0``, NaN or inf)."""
+    if c == 0 or not math.isfinite(c):
+        return None
     candidates = [
         names for size in range(1, max_terms + 1) for names in itertools.combinations(factors, size)
     ]
     best = min(candidates, key=lambda names: abs(math.prod(factors[n] for n in names) / c - 1))
     error = abs(math.prod(factors[n] for n in best) / c - 1)
-    return list(best) if error < 0.005 else None
+    return list(best) if error <= 0.005 else None
 
 
 def block_errors(difference: torch.Tensor, irreps) -> dict:
@@ -237,10 +247,17 @@ def equivariance_problem(
     r"""How ``layer(f, pos)`` fails :math:`L(D_{in} f, R x + t) = D_{out} L(f, x)`, in words,
     or ``None`` when it does not (translations, rotations, the inversion, permutations are
     tried one at a time, so that the message can say which one breaks it). ``tolerance`` is
-    relative to the largest output."""
+    relative to the largest output. An output with NaN or inf, on the given inputs or on
+    transformed ones, is a problem too (and says which transformation gave it)."""
     irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+    nan_hint = (
+        "NaN typically comes from 0 / 0 or from the direction of a vector of length 0 (a "
+        "self-edge, or the norm of a zero vector differentiated); inf from dividing by 0."
+    )
     with torch.no_grad():
         out = layer(f, pos)
+        if not is_finite(out):
+            return f"Called again on the same inputs, its output contains NaN or inf. {nan_hint}"
         tolerance = tolerance * scale_of(out)
         identity = torch.eye(3, dtype=pos.dtype, device=pos.device)
         shift = torch.randn(3, dtype=pos.dtype).to(pos.device)
@@ -252,18 +269,37 @@ def equivariance_problem(
                 d_out = irreps_out.D_from_matrix(rotation.cpu()).to(pos.device)
             return layer(f @ d_in.T, pos @ rotation.T + translation) - out @ d_out.T
 
+        def breaks(d: torch.Tensor) -> bool:  # NaN breaks it too
+            return not float(d.abs().max()) <= tolerance
+
+        def non_finite(d: torch.Tensor, transformation: str) -> Optional[str]:
+            if is_finite(d):
+                return None
+            return (
+                f"{transformation}, its output contains NaN or inf (it is finite on the "
+                f"original inputs). {nan_hint}"
+            )
+
         moved = difference(identity, shift)
-        if float(moved.abs().max()) > tolerance:
+        problem = non_finite(moved, "Shifting every point by the same vector")
+        if problem is not None:
+            return problem
+        if breaks(moved):
             return (
                 f"Shifting every point by the same vector changes the output by up to "
                 f"{float(moved.abs().max()):.3g} (largest output entry {scale_of(out):.3g}): the "
                 "function reads absolute positions. Build everything from differences of "
                 "positions, pos[edge_src] - pos[edge_dst]."
             )
-        rotated = max((difference(r, 0.0) for r in rotations), key=lambda d: float(d.abs().max()))
-        if float(rotated.abs().max()) > tolerance:
+        rotated = [difference(rotation, 0.0) for rotation in rotations]
+        for d in rotated:
+            problem = non_finite(d, "Rotating the points and the input features")
+            if problem is not None:
+                return problem
+        rotated = max(rotated, key=lambda d: float(d.abs().max()))
+        if breaks(rotated):
             errors = block_errors(rotated, irreps_out)
-            broken = [block for block, error in errors.items() if error > tolerance]
+            broken = [block for block, error in errors.items() if not error <= tolerance]
             if all(block.split(" ")[0].endswith(("0e", "0o")) for block in broken):
                 cause = (
                     "only scalar outputs break: a scalar must be built from invariants (lengths, "
@@ -281,7 +317,10 @@ def equivariance_problem(
                 f"{cause}"
             )
         inverted = difference(-identity, 0.0)
-        if float(inverted.abs().max()) > tolerance:
+        problem = non_finite(inverted, "Inverting the points (x -> -x)")
+        if problem is not None:
+            return problem
+        if breaks(inverted):
             blocks = describe_blocks(block_errors(inverted, irreps_out))
             return (
                 "Rotations are fine, but the inversion x -> -x is not (error "
@@ -292,7 +331,10 @@ def equivariance_problem(
         if permute:
             perm = torch.randperm(len(pos)).to(pos.device)
             permuted = layer(f[perm], pos[perm]) - out[perm]
-            if float(permuted.abs().max()) > tolerance:
+            problem = non_finite(permuted, "Listing the points in another order")
+            if problem is not None:
+                return problem
+            if breaks(permuted):
                 return (
                     "Listing the points in another order changes the output (beyond reordering "
                     f"its rows; error {float(permuted.abs().max()):.3g}): the function treats "

@@ -26,6 +26,7 @@ from se3tutor.exercises._common import (
     describe_blocks,
     equivariance_problem,
     fail,
+    is_finite,
     largest_difference,
     matching_mistake,
     passed,
@@ -94,7 +95,13 @@ def check_segment_softmax(segment_softmax_fn: Callable, device: Device = None) -
             if bool(non_finite.any()):
                 centre = int(edge_dst[non_finite.nonzero()[0, 0]])
                 hint = _SHIFT_HINT
-                if case.endswith("centre 1"):
+                if case == "random logits":  # small logits: no overflow
+                    hint = (
+                        "these logits are small, so exp cannot overflow: NaN comes from 0 / 0 "
+                        "(a sum over the wrong edges, or a centre's sum indexed with edge_src "
+                        "instead of edge_dst) or from a NaN created in your code."
+                    )
+                elif case.endswith("centre 1"):
                     hint = (
                         "subtract each centre's own largest logit, not one maximum over all "
                         "edges: after subtracting 100, centre 1's logits are near -300, every "
@@ -160,6 +167,14 @@ def check_segment_softmax(segment_softmax_fn: Callable, device: Device = None) -
     (expected_grad,) = torch.autograd.grad(
         (segment_softmax(reference, edge_dst, num_nodes) * probe).sum(), reference
     )
+    if not is_finite(grad):
+        raise fail(
+            name,
+            "The values are right, but the gradient with respect to the logits contains NaN or "
+            "inf.",
+            "torch.where differentiates both branches: a branch that overflows (exp of large "
+            "logits) or divides by 0 poisons the gradient even where it is not selected.",
+        )
     if not close(grad, expected_grad, 1e-4):
         raise fail(
             name,

@@ -229,6 +229,14 @@ def _check_convolution_like(function: Callable, name: str, device) -> None:
         )
         return
 
+    if float(got.abs().max()) == 0:
+        raise fail(
+            name,
+            f"{measured} Your output is all 0.",
+            "add the messages onto their centres: scatter(summand, edge_dst, dim=0, "
+            "dim_size=num_nodes) returns a new tensor (and index_add_, with the underscore, adds "
+            "in place); a torch.zeros(...) that nothing is added to stays 0.",
+        )
     z, num_basis = layer.num_neighbors, layer.num_basis
     args = (layer, f_in, pos, edge_index)
     hint = matching_mistake(

@@ -11,6 +11,7 @@ and :class:`se3tutor.norm.EquivariantLayerNorm` (``affine=False``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -78,7 +79,20 @@ def check_second_moment_per_irrep(moments_fn: Callable, device: Device = None) -
         values = {str(key): float(value) for key, value in got.items()}
     except (TypeError, ValueError, RuntimeError):
         raise fail(name, "Its values must be numbers (or tensors with one element).") from None
-    wrong = {ir: values[ir] for ir in expected if abs(values[ir] / expected[ir] - 1) > 1e-4}
+    for ir in expected:  # a NaN would pass any comparison below (nan > tolerance is False)
+        if not math.isfinite(values[ir]):
+            raise fail(
+                name,
+                f"The second moment is {'NaN' if math.isnan(values[ir]) else values[ir]} for "
+                f"{ir} (expected {expected[ir]:.4g}); "
+                f"it should be a finite number. Blocks of type {ir} in {_IRREPS}: "
+                + ", ".join(f"{mul}x{i}" for mul, i in _IRREPS if str(i) == ir)
+                + ".",
+                "NaN comes from 0 / 0, e.g. dividing by a count of entries that is still 0 "
+                "(count the entries of every block of the type), or from the mean of an empty "
+                "tensor; inf from dividing by 0.",
+            )
+    wrong = {ir: values[ir] for ir in expected if not abs(values[ir] / expected[ir] - 1) <= 1e-4}
     if not wrong:
         listing = ", ".join(f"{ir} {m:.3g}" for ir, m in expected.items())
         passed(name, f"{listing} on features of irreps {_IRREPS}")

@@ -20,6 +20,7 @@ from se3tutor.exercises._common import (
     call,
     check_tensor,
     fail,
+    is_finite,
     passed,
     seeded,
 )
@@ -115,14 +116,23 @@ def check_smooth_cutoff(cutoff: Callable, device: Device = None) -> None:
     just_inside = torch.tensor([max_radius * (1 - 1e-7)], dtype=_DTYPE, device=device)
     orders = derivatives(lambda r: c(r), just_inside, order=2)[:, 0]
     value, slope, curvature = (float(x) for x in orders)
-    if abs(value) > 1e-4:
+    if not is_finite(orders):
+        raise fail(
+            name,
+            f"Just inside the cutoff, at r = max_radius - 1e-7, c and its first two derivatives "
+            f"are {value:.3g}, {slope:.3g}, {curvature:.3g}: NaN or inf, where they should go "
+            "to 0.",
+            "NaN comes from 0 / 0, inf - inf or 0 * inf (exp(-1/x) as x -> 0, say): write c "
+            "so that it and its derivatives stay finite as r approaches max_radius.",
+        )
+    if not abs(value) <= 1e-4:
         raise fail(
             name,
             f"Just inside the cutoff, c(max_radius - 1e-7) = {value:.3g}, but c is 0 beyond it: "
             "the weight jumps at max_radius, a hard cutoff.",
             "the weight must fall to 0 continuously as r approaches max_radius.",
         )
-    if abs(slope) > 1e-3:
+    if not abs(slope) <= 1e-3:
         raise fail(
             name,
             f"The value goes to 0 at max_radius, but the derivative does not: c'(max_radius - "
@@ -138,7 +148,16 @@ def check_smooth_cutoff(cutoff: Callable, device: Device = None) -> None:
         for step in (max_radius / 1000, max_radius / 10000)
     ]
     slope_changes = [derivatives(c, grid, order=1)[1].diff().abs() for grid in inside]
-    if float(slope_changes[0].max()) / float(slope_changes[1].max()) < 3:
+    for grid, changes in zip(inside, slope_changes):
+        if not is_finite(changes):
+            where = float(grid[1:][~changes.isfinite()][0])
+            raise fail(
+                name,
+                f"Its derivative is NaN or inf inside the sphere, near r = {where:.4g}.",
+                "build c from pieces whose derivatives are finite wherever they are used.",
+            )
+    coarse, fine = float(slope_changes[0].max()), float(slope_changes[1].max())
+    if not coarse >= 3 * fine:
         where = float(inside[1][slope_changes[1].argmax()])
         raise fail(
             name,
@@ -147,7 +166,7 @@ def check_smooth_cutoff(cutoff: Callable, device: Device = None) -> None:
             "build c from smooth pieces only.",
         )
     orders_note = "value and every derivative checked (up to the 2nd) vanish there"
-    if abs(curvature) > 1e-3:
+    if not abs(curvature) <= 1e-3:
         orders_note = (
             f"value and first derivative vanish there (the second does not, c'' = "
             f"{curvature:.3g}: forces are continuous, their derivatives jump; the book's c(r) "
@@ -202,16 +221,40 @@ def check_smooth_layer(make_layer: Callable, device: Device = None) -> None:
         device=device,
     )
     direction = torch.tensor([1.0, 0.0, 0.0], dtype=_DTYPE, device=device)
+    f = f.to(device)
+    with default_dtype(_DTYPE), torch.no_grad():
+        batch = torch.zeros(len(pos), dtype=torch.long, device=device)
+        out = call(layer, name, f.clone(), pos.clone(), batch=batch)
+    check_tensor(name, out, (len(pos), irreps_output.dim), "output", pos)
     with default_dtype(_DTYPE):
         jumps = [
-            call(largest_jumps, name, layer, f.to(device), pos, 4, direction, 1.0, 1.4, step)
+            call(largest_jumps, name, layer, f, pos, 4, direction, 1.0, 1.4, step)
             for step in (1e-3, 1e-4)
         ]
     (value_coarse, slope_coarse), (value_fine, slope_fine) = jumps
+    # NaN or inf would pass every comparison below (nan < 3 is False): refuse them first.
+    if not all(is_finite(jump) for jump in (value_coarse, value_fine)):
+        raise fail(
+            name,
+            "Its output becomes NaN or inf as node 4 moves along x_4(t) = (t, 0.5, 0), t in "
+            "[1.0, 1.4), across the cutoff sphere of node 0 (at t = 1.2).",
+            "NaN typically comes from 0 / 0, or from a torch.where whose unused branch is NaN "
+            "or inf (its gradient still is).",
+        )
+    if not all(is_finite(jump) for jump in (slope_coarse, slope_fine)):
+        raise fail(
+            name,
+            "Its output is finite, but its derivative (the force on node 4) becomes NaN or inf "
+            "as node 4 moves along x_4(t) = (t, 0.5, 0), t in [1.0, 1.4), across the cutoff "
+            "sphere of node 0 (at t = 1.2).",
+            "torch.where differentiates both branches: a branch that is inf or has an infinite "
+            "derivative (exp(-1/x) at x <= 0) gives a NaN gradient even where it is not used.",
+        )
     if value_coarse == 0:
         raise fail(name, "Its output does not change as node 4 moves: it ignores the positions.")
-    value_ratio, slope_ratio = value_coarse / value_fine, slope_coarse / max(slope_fine, 1e-300)
-    if value_ratio < 3:
+    value_ratio = value_coarse / max(value_fine, 1e-300)
+    slope_ratio = slope_coarse / max(slope_fine, 1e-300)
+    if not value_ratio >= 3:
         raise fail(
             name,
             f"Its output jumps by {value_fine:.3g} along the path, where node 4 leaves the "
@@ -221,7 +264,7 @@ def check_smooth_layer(make_layer: Callable, device: Device = None) -> None:
             "there (cutoff=True), and use a radial MLP without biases whose activation maps 0 "
             "to 0, so that a zero embedding gives zero weights.",
         )
-    if slope_ratio < 3:
+    if not slope_ratio >= 3:
         raise fail(
             name,
             f"Its output is continuous, but its derivative (the force on node 4) jumps by "
