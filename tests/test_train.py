@@ -89,6 +89,14 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
         assert done.stdout.count("epoch 1/1: training loss") == 1, done.stdout
         assert re.search(r"validation energy MAE [\d.]+ meV/atom, force MAE", done.stdout)
     assert "2 process(es)" in two.stdout
+    # Started again, the two processes resume from the checkpoint the main one chose.
+    again = run(
+        [*TORCHRUN, "--nproc_per_node", "2", "-m", "se3tutor.train", *TINY, *options]
+        + ["--out", str(tmp_path / "two")]
+    )
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to train" in again.stdout
+    assert records(tmp_path / "two", "resume")[0]["world_size"] == 2
     # Adam's step hardly depends on the gradient's scale, so compare the gradients too.
     for single, double in zip(records(tmp_path / "one", "step"), records(tmp_path / "two", "step")):
         for key in ("loss", "energy_term", "force_term", "gradient_norm"):
