@@ -18,7 +18,8 @@ Adam with a cosine decay); around them this module adds what a longer run needs:
   after every epoch;
 - **a log**, ``OUT/log.jsonl``, one JSON record a line (``"event"``: ``start``, ``step`` every
   ``--log-every`` steps, ``epoch``, ``checkpoint``, ``resume``, ``end``), which
-  :func:`plot_log` draws; a progress bar with the loss and the structures per second;
+  :func:`plot_log` draws; a progress bar with the loss and the structures per second
+  (:mod:`se3tutor.runlog`);
 - **checkpoints** every ``--checkpoint-every`` steps and at the end (:mod:`se3tutor.checkpoint`):
   a run that is killed and started again with the same command continues where its last
   checkpoint was, and ends with the parameters that an uninterrupted run ends with, to the bit
@@ -45,12 +46,10 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -76,6 +75,7 @@ from se3tutor.potential import (
     energy_force_loss,
     fit_reference_energies,
 )
+from se3tutor.runlog import RunLog, console, epoch_summary, plot_log, progress_bar, read_log
 
 __all__ = [
     "SetupError",
@@ -287,30 +287,6 @@ def evaluate(model: EnergyModel, structures: Sequence, batch_size: int = 16, pro
 # ---------------------------------------------------------------------------- the run
 
 
-class _Log:
-    """``log.jsonl``: one JSON record a line, written by the main process only.
-
-    A resumed run cuts the file back to the size its checkpoint recorded (``cut_to``), so that
-    the steps it repeats are not logged twice."""
-
-    def __init__(self, path: Path, enabled: bool, cut_to: int) -> None:
-        self.file = open(path, "ab") if enabled else None
-        if self.file:
-            self.file.truncate(min(cut_to, self.size()))  # "ab": writes go to the (new) end
-
-    def write(self, event: str, **record) -> None:
-        if self.file:
-            self.file.write((json.dumps({"event": event, **record}) + "\n").encode())
-            self.file.flush()  # a killed process leaves every record it wrote
-
-    def size(self) -> int:
-        return os.fstat(self.file.fileno()).st_size if self.file else 0
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-
 _POSITION = ("epoch", "batch", "step", "order", "epoch_loss")  # where a run is
 
 
@@ -474,8 +450,8 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
         fit_reference_energies(model, training)
     else:
         run.load_state_dict(found[0])
-    log = _Log(out / "log.jsonl", processes.is_main, cut_to=found[0]["log_bytes"] if found else 0)
-    say = _printer(processes)
+    log = RunLog(out / "log.jsonl", processes.is_main, cut_to=found[0]["log_bytes"] if found else 0)
+    say = console(processes)
     if found is None:
         log.write(
             "start",
@@ -506,7 +482,9 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     def as_batch(structures):
         return _to_device(collate(structures, species, DTYPES[config.dtype]), processes.device)
 
-    bar = _progress_bar(config, processes, steps_per_epoch, run.step)
+    bar = progress_bar(
+        config.epochs * steps_per_epoch, run.step, config.progress and processes.is_main
+    )
     while run.epoch < config.epochs:
         _train_epoch(run, trained, training, as_batch, config, processes, log, bar)
         metrics = {}
@@ -516,7 +494,7 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
             metrics = evaluate(evaluation_model, validation, config.batch_size, processes)
         train_loss = run.epoch_loss / len(training)
         log.write("epoch", epoch=run.epoch, step=run.step, train_loss=train_loss, **metrics)
-        say(_epoch_summary(run.epoch, config.epochs, train_loss, metrics), bar)
+        say(epoch_summary(run.epoch, config.epochs, train_loss, metrics), bar)
         run.epoch, run.batch, run.order, run.epoch_loss = run.epoch + 1, 0, None, 0.0
     bar.close()
 
@@ -575,107 +553,13 @@ def _train_epoch(run, trained, training, as_batch, config, processes, log, bar) 
             _save_checkpoint(run, config, out=Path(config.out), log=log)
 
 
-def _save_checkpoint(run: _Run, config: TrainConfig, out: Path, log: _Log) -> None:
+def _save_checkpoint(run: _Run, config: TrainConfig, out: Path, log: RunLog) -> None:
     state = {**run.state_dict(), "config": asdict(config), "log_bytes": log.size()}
     path = save_checkpoint(state, out, run.step)
     log.write("checkpoint", step=run.step, file=path.name)
 
 
-def _printer(processes):
-    """``say(text, bar=None)``: a line on the console from the main process (through the
-    progress bar, when there is one, so that the bar stays below it)."""
-
-    def say(text: str, bar=None) -> None:
-        if processes.is_main:
-            if bar is not None and not bar.disable:
-                bar.write(text)
-            else:
-                print(text, flush=True)
-
-    return say
-
-
-def _epoch_summary(epoch: int, epochs: int, train_loss: float, metrics: dict) -> str:
-    text = f"epoch {epoch + 1}/{epochs}: training loss {train_loss:.4g}"
-    if metrics:
-        text += (
-            f"; validation energy MAE {1000 * metrics['energy_mae_per_atom']:.1f} meV/atom, "
-            f"force MAE {metrics['force_mae']:.3f} eV/Å, RMSE {metrics['force_rmse']:.3f} eV/Å"
-        )
-    return text
-
-
-class _NoProgressBar:
-    """What the loop calls on a progress bar, doing nothing."""
-
-    disable = True
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **values) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(config, processes, steps_per_epoch, done):
-    if not (config.progress and processes.is_main):
-        return _NoProgressBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        warnings.warn("no progress bar: tqdm is not installed (pip install tqdm)", stacklevel=3)
-        return _NoProgressBar()
-    return tqdm(
-        total=config.epochs * steps_per_epoch,
-        initial=done,
-        unit="step",
-        dynamic_ncols=True,
-    )
-
-
-# ---------------------------------------------------------------------------- log and command line
-
-
-def read_log(path) -> list:
-    """The records of a training log (``log.jsonl``, or the run's directory)."""
-    path = Path(path)
-    path = path / "log.jsonl" if path.is_dir() else path
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_log(path):
-    """A matplotlib figure of a training log: the loss (every logged step, and the mean of
-    every epoch), the validation energy MAE per atom, and the validation force MAE and RMSE.
-
-    ``path``: ``log.jsonl``, or the run's directory.
-    """
-    import matplotlib.pyplot as plt
-
-    records = read_log(path)
-    steps = [r for r in records if r["event"] == "step"]
-    epochs = [r for r in records if r["event"] == "epoch"]
-    validated = [r for r in epochs if "force_mae" in r]
-    figure, (loss_axes, energy_axes, force_axes) = plt.subplots(1, 3, figsize=(13, 3.6))
-    loss_axes.semilogy(
-        [r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="batch"
-    )
-    loss_axes.semilogy(
-        [r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="epoch mean"
-    )
-    loss_axes.set(xlabel="step", ylabel="training loss")
-    loss_axes.legend()
-    epoch_numbers = [r["epoch"] + 1 for r in validated]
-    energy_axes.plot(epoch_numbers, [1000 * r["energy_mae_per_atom"] for r in validated], "o-")
-    energy_axes.set(xlabel="epoch", ylabel="validation energy MAE (meV/atom)")
-    force_axes.plot(epoch_numbers, [r["force_mae"] for r in validated], "o-", label="MAE")
-    force_axes.plot(epoch_numbers, [r["force_rmse"] for r in validated], "s-", label="RMSE")
-    force_axes.set(xlabel="epoch", ylabel="validation force error (eV/Å)")
-    force_axes.legend()
-    figure.tight_layout()
-    return figure
+# ---------------------------------------------------------------------------- command line
 
 
 def _parser() -> argparse.ArgumentParser:
