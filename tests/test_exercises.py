@@ -748,3 +748,17 @@ def test_the_generator_keeps_signature_and_docstring_and_drops_the_rest():
 def test_the_generator_refuses_a_notebook_that_breaks_the_conventions(cells, match):
     with pytest.raises(generator.NotebookError, match=match):
         generator.student_notebook(_solved(("markdown", "# Title"), *cells), "t.ipynb")
+
+
+@pytest.mark.parametrize("checker", [exercises.check_attention, exercises.check_convolution])
+def test_layer_checkers_name_the_two_slips_of_a_sum_over_the_edges(checker):
+    def one_row_per_edge(layer, f, pos, edge_index):
+        return torch.zeros(edge_index.shape[1], layer.irreps_output.dim, dtype=f.dtype)
+
+    def one_row_short(layer, f, pos, edge_index):
+        return torch.zeros(len(pos) - 1, layer.irreps_output.dim, dtype=f.dtype)
+
+    with pytest.raises(exercises.ExerciseError, match="one row per edge: .*edge_dst"):
+        checker(one_row_per_edge)
+    with pytest.raises(exercises.ExerciseError, match="one row short: pass dim_size=num_nodes"):
+        checker(one_row_short)

@@ -120,6 +120,24 @@ def as_device(device: Device) -> torch.device:
     return torch.device("cpu") if device is None else torch.device(device)
 
 
+def layer_outputs(function: Callable, name: str, layer, f, pos, edge_index, how_to_sum: str):
+    """The reader's ``function(layer, f, pos, edge_index)`` and the reference ``layer(f, pos,
+    edge_index)``, without gradients, after checking the reader's output like
+    :func:`check_tensor` does, naming the two usual slips of a sum over the edges:
+    ``how_to_sum`` says how the edges' terms should reach their centres."""
+    num_nodes, dim = len(pos), layer.irreps_output.dim
+    with torch.no_grad():
+        got = call(function, name, layer, f.clone(), pos.clone(), edge_index.clone())
+        expected = layer(f, pos, edge_index)
+    shape_hints = {
+        (num_nodes - 1, dim): "the last node has no neighbour, so scatter without dim_size "
+        "stops one row short: pass dim_size=num_nodes (it gets a row of zeros).",
+        (edge_index.shape[1], dim): f"that is one row per edge: {how_to_sum}",
+    }
+    check_tensor(name, got, (num_nodes, dim), "output", f, shape_hints)
+    return got, expected
+
+
 def check_tensor(
     name: str,
     got,

@@ -28,6 +28,7 @@ from se3tutor.exercises._common import (
     fail,
     is_finite,
     largest_difference,
+    layer_outputs,
     matching_mistake,
     passed,
     scale_of,
@@ -244,22 +245,11 @@ def check_attention(attention: Callable, device: Device = None) -> None:
     name = "attention"
     layer, f, pos, edge_index = _problem(as_device(device))
     num_nodes, dim = len(pos), layer.irreps_output.dim
-    with torch.no_grad():
-        got = call(attention, name, layer, f.clone(), pos.clone(), edge_index.clone())
-        expected = layer(f, pos, edge_index)
-    check_tensor(
-        name,
-        got,
-        (num_nodes, dim),
-        "output",
-        f,
-        {
-            (num_nodes - 1, dim): "the last node has no neighbour, so scatter without "
-            "dim_size stops one row short: pass dim_size=num_nodes.",
-            (edge_index.shape[1], dim): "that is one row per edge: sum sqrt(alpha) * v over the "
-            "edges of each centre with scatter(..., edge_dst, dim=0, dim_size=num_nodes).",
-        },
-    )
+    got, expected = layer_outputs(
+        attention, name, layer, f, pos, edge_index,
+        "sum sqrt(alpha) * v over the edges of each centre with "
+        "scatter(..., edge_dst, dim=0, dim_size=num_nodes).",
+    )  # fmt: skip
     if close(got, expected):
         passed(name, f"[{num_nodes}, {dim}], equal to se3tutor.EquivariantAttention within 1e-5")
         return

@@ -33,6 +33,7 @@ from se3tutor.exercises._common import (
     explain_factor,
     fail,
     largest_difference,
+    layer_outputs,
     matching_mistake,
     passed,
     scalar_factor,
@@ -193,22 +194,11 @@ def _variant(
 def _check_convolution_like(function: Callable, name: str, device) -> None:
     layer, f_in, pos, edge_index = _problem(as_device(device))
     num_nodes, dim = len(pos), layer.irreps_output.dim
-    with torch.no_grad():
-        got = call(function, name, layer, f_in.clone(), pos.clone(), edge_index.clone())
-        expected = layer(f_in, pos, edge_index)
-    check_tensor(
-        name,
-        got,
-        (num_nodes, dim),
-        "output",
-        f_in,
-        {
-            (num_nodes - 1, dim): "the last node has no neighbour, so scatter without "
-            "dim_size stops one row short: pass dim_size=num_nodes (it gets a row of zeros).",
-            (edge_index.shape[1], dim): "that is one row per edge: add the messages of each "
-            "centre with scatter(summand, edge_dst, dim=0, dim_size=num_nodes).",
-        },
-    )
+    got, expected = layer_outputs(
+        function, name, layer, f_in, pos, edge_index,
+        "add the messages of each centre with "
+        "scatter(summand, edge_dst, dim=0, dim_size=num_nodes).",
+    )  # fmt: skip
     irreps = layer.irreps_output
     moments = {ir: float(m) for ir, m in second_moment_per_irrep(got, irreps).items()}
     reference_moments = {
