@@ -11,7 +11,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 NBVAL := --nbval --nbval-sanitize-with book/nbval_sanitize.cfg
 
-.PHONY: book test lint unit notebooks bench-smoke browser-check colab-check clean
+.PHONY: book test lint unit quick notebooks bench-smoke browser-check colab-check clean
 
 # The environment for the book and the tests (torch pinned to the CPU build, see README).
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -56,6 +56,11 @@ lint: $(VENV)/.installed
 unit: $(VENV)/.installed-pyg
 	SE3TUTOR_REQUIRE_PYG=1 $(BIN)/pytest -q --durations=5
 	SE3TUTOR_BACKEND=torch $(BIN)/pytest -q tests/test_layers.py
+
+# The quick loop while editing: the unit tests and doctests without the slow ones (training
+# subprocesses, torchrun, torch.compile, student notebooks run), on whatever backend is there.
+quick: $(VENV)/.installed
+	$(BIN)/pytest -q -m "not slow"
 
 notebooks: $(VENV)/.installed
 	$(BIN)/pytest -q $(NBVAL) book --durations=0

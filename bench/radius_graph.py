@@ -1,7 +1,7 @@
 """Benchmark: radius_graph, pure-torch cell list against torch-cluster.
 
 Points are uniform in a cube whose size is chosen so that each point has about
-``--neighbors`` neighbours within r_max = 1 (the density of a typical molecular graph).
+``--neighbors`` neighbours within max_radius = 1 (the density of a typical molecular graph).
 Each case runs in a fresh subprocess so that its peak memory (resident set size on the CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) is its own.
 
@@ -63,7 +63,8 @@ def main() -> None:
         backends.append("pyg")
     else:
         print("torch-cluster is not installed: timing the pure-torch backend only")
-    print(f"radius_graph on {args.device}, about {args.neighbors:g} neighbours per point, r_max=1")
+    neighbors = f"about {args.neighbors:g} neighbours per point"
+    print(f"radius_graph on {args.device}, {neighbors}, max_radius=1")
     header = (
         f"{'points':>10} {'backend':>8} {'seconds':>9} {'peak MB':>9} {'edges':>11} {'degree':>7}"
     )

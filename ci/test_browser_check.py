@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import browser_check  # noqa: E402
+import browser_check
 
 MATHJAX = browser_check.ROOT / "_build" / "static" / "mathjax" / "tex-mml-chtml.js"
 # A 1x1 PNG.

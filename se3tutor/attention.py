@@ -44,7 +44,7 @@ class EquivariantAttention(torch.nn.Module):
                                  {\sum_{j'} c(r_{ij'}) e^{q_i \cdot k_{ij'}}}
 
     Args:
-        irreps_input, irreps_query, irreps_key, irreps_output: irreps of the node features,
+        irreps_in, irreps_query, irreps_key, irreps_out: irreps of the node features,
             queries, keys, and outputs (= values). ``e3nn.o3.Irreps`` or str.
         irreps_sh: irreps of the edge spherical harmonics, e.g.
             ``o3.Irreps.spherical_harmonics(3)``.
@@ -60,49 +60,49 @@ class EquivariantAttention(torch.nn.Module):
     ``shared_weights=False``), ``fc_k``/``fc_v`` (``[number_of_basis, radial_hidden,
     weight_numel]`` MLPs with SiLU), ``dot`` (``FullyConnectedTensorProduct`` into ``0e``).
 
-    Shapes: ``f [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
+    Shapes: ``f [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``,
     ``edge_index [2, num_edges]`` (default: ``radius_graph(pos, max_radius, batch)``),
-    ``batch [num_nodes]`` -> ``[num_nodes, irreps_output.dim]``.
+    ``batch [num_nodes]`` -> ``[num_nodes, irreps_out.dim]``.
 
     >>> att = EquivariantAttention("4x0e + 2x1o", "3x0e + 1x1o", "3x0e + 1x1o", "2x0e + 1x1o",
     ...                            "0e + 1o", number_of_basis=5, max_radius=1.5)
-    >>> att(att.irreps_input.randn(6, -1), torch.randn(6, 3)).shape
+    >>> att(att.irreps_in.randn(6, -1), torch.randn(6, 3)).shape
     torch.Size([6, 5])
     """
 
     def __init__(
         self,
-        irreps_input,
+        irreps_in,
         irreps_query,
         irreps_key,
-        irreps_output,
+        irreps_out,
         irreps_sh,
         number_of_basis: int,
         max_radius: float,
         radial_hidden: int = 16,
     ) -> None:
         super().__init__()
-        self.irreps_input = o3.Irreps(irreps_input)
+        self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_query = o3.Irreps(irreps_query)
         self.irreps_key = o3.Irreps(irreps_key)
-        self.irreps_output = o3.Irreps(irreps_output)
+        self.irreps_out = o3.Irreps(irreps_out)
         self.irreps_sh = o3.Irreps(irreps_sh)
         self.number_of_basis = number_of_basis
         self.max_radius = max_radius
         silu = torch.nn.functional.silu
 
-        self.h_q = o3.Linear(self.irreps_input, self.irreps_query)
+        self.h_q = o3.Linear(self.irreps_in, self.irreps_query)
         self.tp_k = o3.FullyConnectedTensorProduct(
-            self.irreps_input, self.irreps_sh, self.irreps_key, shared_weights=False
+            self.irreps_in, self.irreps_sh, self.irreps_key, shared_weights=False
         )
         self.fc_k = radial_mlp(number_of_basis, radial_hidden, self.tp_k.weight_numel, silu)
         self.tp_v = o3.FullyConnectedTensorProduct(
-            self.irreps_input, self.irreps_sh, self.irreps_output, shared_weights=False
+            self.irreps_in, self.irreps_sh, self.irreps_out, shared_weights=False
         )
         self.fc_v = radial_mlp(number_of_basis, radial_hidden, self.tp_v.weight_numel, silu)
         self.dot = o3.FullyConnectedTensorProduct(self.irreps_query, self.irreps_key, "0e")
 
-    def embed_edge_length(self, edge_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def edge_embedding(self, edge_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The smooth design (book: Smoothness): the radial basis (``cutoff=True``) vanishes
         at 0 and at ``max_radius`` with all its derivatives, and so do the radial MLPs (no
         biases); the softmax weight :math:`c(r)` does too. Returns the embedding and
@@ -123,12 +123,12 @@ class EquivariantAttention(torch.nn.Module):
         edge_index: Optional[torch.Tensor] = None,
         batch: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        check_graph_inputs(self, self.irreps_input, f, pos, edge_index, batch)
+        check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
         if edge_index is None:
             edge_index = radius_graph(pos, self.max_radius, batch=batch)
         edge_src, edge_dst = edge_index
         edge_vec = edge_vectors(pos, edge_index)
-        edge_length_embedded, edge_log_weight = self.embed_edge_length(edge_vec.norm(dim=1))
+        edge_length_embedded, edge_log_weight = self.edge_embedding(edge_vec.norm(dim=1))
         edge_sh = o3.spherical_harmonics(
             self.irreps_sh, edge_vec, normalize=True, normalization="component"
         )

@@ -31,6 +31,7 @@ from e3nn import o3
 __all__ = [
     "default_dtype",
     "derivatives",
+    "equivariance_difference",
     "equivariance_error",
     "gradients_are_finite",
     "gradients_match_finite_differences",
@@ -44,8 +45,8 @@ GraphLayer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def equivariance_error(
     layer: GraphLayer,
-    irreps_input,
-    irreps_output,
+    irreps_in,
+    irreps_out,
     f: torch.Tensor,
     pos: torch.Tensor,
     rotation: Optional[torch.Tensor] = None,
@@ -55,30 +56,48 @@ def equivariance_error(
     r"""Largest :math:`|L(D_{in} f, R x + t) - D_{out} L(f, x)|` over all outputs.
 
     Args:
-        layer: ``layer(f, pos) -> [num_nodes, irreps_output.dim]``.
-        f: ``[num_nodes, irreps_input.dim]``; pos: ``[num_nodes, 3]``.
+        layer: ``layer(f, pos) -> [num_nodes, irreps_out.dim]``.
+        f: ``[num_nodes, irreps_in.dim]``; pos: ``[num_nodes, 3]``.
         rotation: a ``[3, 3]`` rotation matrix; default a uniformly random one (``o3.rand_matrix``).
         inversion: compose the rotation with the inversion :math:`x \mapsto -x` (parity).
         translation: also shift the positions by a random vector.
 
     >>> from se3tutor import Convolution
     >>> conv = Convolution("2x0e + 1x1o", "1x0e + 1x1o", "0e + 1o", 4, 1.5, 2.0)
-    >>> f, pos = conv.irreps_input.randn(5, -1), torch.randn(5, 3)
-    >>> equivariance_error(conv, conv.irreps_input, conv.irreps_output, f, pos) < 1e-5
+    >>> f, pos = conv.irreps_in.randn(5, -1), torch.randn(5, 3)
+    >>> equivariance_error(conv, conv.irreps_in, conv.irreps_out, f, pos) < 1e-5
     True
     """
-    irreps_input, irreps_output = o3.Irreps(irreps_input), o3.Irreps(irreps_output)
     if rotation is None:
         rotation = o3.rand_matrix(dtype=pos.dtype, device=pos.device)
     if inversion:
         rotation = -rotation  # det = -1: e3nn's D_from_matrix applies the parities
-    shift = torch.randn(3, dtype=pos.dtype, device=pos.device) if translation else 0.0
-    with default_dtype(rotation.dtype):
-        d_input = irreps_input.D_from_matrix(rotation)
-        d_output = irreps_output.D_from_matrix(rotation)
-    transform_first = layer(f @ d_input.T, pos @ rotation.T + shift)
-    transform_last = layer(f, pos) @ d_output.T
-    return float((transform_first - transform_last).detach().abs().max())
+    shift = torch.randn(3, dtype=pos.dtype, device=pos.device) if translation else None
+    difference = equivariance_difference(layer, irreps_in, irreps_out, f, pos, rotation, shift)
+    return float(difference.detach().abs().max())
+
+
+def equivariance_difference(
+    layer: GraphLayer,
+    irreps_in,
+    irreps_out,
+    f: torch.Tensor,
+    pos: torch.Tensor,
+    rotation: torch.Tensor,
+    shift: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r""":math:`L(D_{in} f, R x + t) - D_{out} L(f, x)`, ``[num_nodes, irreps_out.dim]``, for
+    an orthogonal ``rotation`` :math:`R` (with :math:`\det R = -1`, the parities act) and a
+    ``shift`` :math:`t` (default 0). ``out``: :math:`L(f, x)`, when already computed.
+    """
+    irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+    with default_dtype(pos.dtype):  # e3nn's Wigner matrices in the precision of the inputs
+        d_input = irreps_in.D_from_matrix(rotation.cpu()).to(pos.device)
+        d_output = irreps_out.D_from_matrix(rotation.cpu()).to(pos.device)
+    moved = pos @ rotation.T if shift is None else pos @ rotation.T + shift
+    out = layer(f, pos) if out is None else out
+    return layer(f @ d_input.T, moved) - out @ d_output.T
 
 
 @contextlib.contextmanager

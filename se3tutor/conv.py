@@ -12,7 +12,7 @@ r"""The equivariant convolution (book: Convolution).
   second moment 1 has second moment about 1.
 
 With the defaults this reproduces e3nn's convolution guide exactly (same embedding with
-``cutoff=False``, same ``[num_basis, 16, weight_numel]`` ReLU MLP, same normalisation).
+``cutoff=False``, same ``[number_of_basis, 16, weight_numel]`` ReLU MLP, same normalisation).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class Convolution(torch.nn.Module):
           f_j \otimes_{h(\|x_{ij}\|)} Y(x_{ij} / \|x_{ij}\|)
 
     Args:
-        irreps_input, irreps_output: irreps of the node features (``e3nn.o3.Irreps`` or str).
+        irreps_in, irreps_out: irreps of the node features (``e3nn.o3.Irreps`` or str).
         irreps_sh: irreps of the edge spherical harmonics, e.g. ``"0e + 1o + 2e"``.
-        num_basis: number of radial basis functions.
+        number_of_basis: number of radial basis functions.
         max_radius: cutoff radius of the graph and of the radial basis.
         num_neighbors: :math:`z`, the typical number of neighbours (normalisation constant).
         radial_hidden: width of the hidden layer of the radial MLP.
@@ -54,24 +54,24 @@ class Convolution(torch.nn.Module):
     default dtype, so ``.double()`` afterwards keeps float32-accurate constants.
 
     Submodules: ``tp`` (``FullyConnectedTensorProduct``, ``shared_weights=False``) and ``fc``
-    (``FullyConnectedNet([num_basis, radial_hidden, tp.weight_numel], radial_activation)``).
+    (``FullyConnectedNet([number_of_basis, radial_hidden, tp.weight_numel], radial_activation)``).
 
-    Shapes: ``f_in [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
+    Shapes: ``f_in [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``,
     ``edge_index [2, num_edges]`` (default: ``radius_graph(pos, max_radius, batch)``),
-    ``batch [num_nodes]`` -> ``[num_nodes, irreps_output.dim]``.
+    ``batch [num_nodes]`` -> ``[num_nodes, irreps_out.dim]``.
 
-    >>> conv = Convolution("4x0e + 2x1o", "3x0e + 1x1o", "0e + 1o", num_basis=5,
+    >>> conv = Convolution("4x0e + 2x1o", "3x0e + 1x1o", "0e + 1o", number_of_basis=5,
     ...                    max_radius=1.5, num_neighbors=3.0)
-    >>> conv(conv.irreps_input.randn(6, -1), torch.randn(6, 3)).shape
+    >>> conv(conv.irreps_in.randn(6, -1), torch.randn(6, 3)).shape
     torch.Size([6, 6])
     """
 
     def __init__(
         self,
-        irreps_input,
-        irreps_output,
+        irreps_in,
+        irreps_out,
         irreps_sh,
-        num_basis: int,
+        number_of_basis: int,
         max_radius: float,
         num_neighbors: float,
         radial_hidden: int = 16,
@@ -81,17 +81,19 @@ class Convolution(torch.nn.Module):
         super().__init__()
         if num_neighbors <= 0:
             raise ValueError(f"num_neighbors must be > 0, got {num_neighbors}")
-        self.irreps_input = o3.Irreps(irreps_input)
-        self.irreps_output = o3.Irreps(irreps_output)
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
         self.irreps_sh = o3.Irreps(irreps_sh)
-        self.num_basis = num_basis
+        self.number_of_basis = number_of_basis
         self.max_radius = max_radius
         self.num_neighbors = num_neighbors
         self.cutoff = cutoff
         self.tp = o3.FullyConnectedTensorProduct(
-            self.irreps_input, self.irreps_sh, self.irreps_output, shared_weights=False
+            self.irreps_in, self.irreps_sh, self.irreps_out, shared_weights=False
         )
-        self.fc = radial_mlp(num_basis, radial_hidden, self.tp.weight_numel, radial_activation)
+        self.fc = radial_mlp(
+            number_of_basis, radial_hidden, self.tp.weight_numel, radial_activation
+        )
 
     def forward(
         self,
@@ -100,7 +102,7 @@ class Convolution(torch.nn.Module):
         edge_index: Optional[torch.Tensor] = None,
         batch: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        check_graph_inputs(self, self.irreps_input, f_in, pos, edge_index, batch)
+        check_graph_inputs(self, self.irreps_in, f_in, pos, edge_index, batch)
         if edge_index is None:
             edge_index = radius_graph(pos, self.max_radius, batch=batch)
         edge_src, edge_dst = edge_index
@@ -109,10 +111,10 @@ class Convolution(torch.nn.Module):
             self.irreps_sh, edge_vec, normalize=True, normalization="component"
         )
         edge_length_embedded = embed_edge_length(
-            edge_vec.norm(dim=1), self.max_radius, self.num_basis, cutoff=self.cutoff
+            edge_vec.norm(dim=1), self.max_radius, self.number_of_basis, cutoff=self.cutoff
         )
         summand = self.tp(f_in[edge_src], edge_sh, self.fc(edge_length_embedded))
-        # [num_edges, irreps_output.dim]
+        # [num_edges, irreps_out.dim]
         f_out = scatter(summand, edge_dst, dim=0, dim_size=f_in.shape[0])
         # A sum of ~z terms of second moment 1 has second moment ~z (book: Normalization).
         return f_out.div(self.num_neighbors**0.5)

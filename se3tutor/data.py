@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -88,13 +89,16 @@ def check_structures(structures: Sequence) -> None:
 
 
 def collate(
-    structures: Sequence, species: Sequence[int], dtype: torch.dtype = torch.float32
+    structures: Sequence,
+    species: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
 ) -> dict:
     """Flat tensors for a list of structures (PyTorch Geometric convention).
 
     ``species`` lists the atomic numbers the model knows; ``species_index`` gives each atom's
     position in it. Returns ``pos [N, 3]``, ``species_index [N]``, ``batch [N]``,
-    ``energy [B]`` and ``forces [N, 3]``.
+    ``energy [B]`` and ``forces [N, 3]``, on ``device`` (default: the CPU).
 
     >>> batch = collate(emt_clusters(2, shells=(2,)), species=[29])
     >>> batch["pos"].shape, batch["batch"].tolist()[::13], batch["energy"].shape
@@ -107,10 +111,11 @@ def collate(
     if unknown:
         raise ValueError(f"atomic numbers {unknown} are not in species={list(species)}")
     sizes = torch.tensor([len(atoms) for atoms in structures])
-    return {
+    batch = {
         "pos": torch.tensor(np.concatenate([a.positions for a in structures]), dtype=dtype),
         "species_index": torch.tensor([lookup[int(z)] for z in numbers]),
         "batch": torch.arange(len(structures)).repeat_interleave(sizes),
         "energy": torch.tensor([a.get_potential_energy() for a in structures], dtype=dtype),
         "forces": torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=dtype),
     }
+    return {key: value.to(device) for key, value in batch.items()}

@@ -17,6 +17,10 @@ Backends
 they are installed (``pip install se3tutor[pyg]``) and pure-torch code otherwise. Choose per
 call with ``backend="torch"`` or ``"pyg"``, or for a whole process with the environment
 variable ``SE3TUTOR_BACKEND=torch|pyg``. Both give the same edge sets and the same sums.
+
+(Over 400 lines, on purpose: the edge convention, the neighbour search that produces it on
+both backends and the scatter that consumes it are one idea; the pure-torch cell list is most
+of the length.)
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ __all__ = [
 
 BACKENDS = ("torch", "pyg")
 
-# Cells are made a hair larger than r_max so that floating-point rounding in
-# floor(pos / cell) can never put two points closer than r_max two cells apart.
+# Cells are made a hair larger than max_radius so that floating-point rounding in
+# floor(pos / cell) can never put two points closer than max_radius two cells apart.
 _CELL_MARGIN = 1e-6
 # Upper bound on candidate pairs handled at once by the pure-torch search (bounds memory:
 # about 40 bytes per candidate, so about 0.7 GB at this size).
@@ -82,13 +86,13 @@ def _resolve_backend(backend: Optional[str], module: str) -> str:
 
 def radius_graph(
     pos: torch.Tensor,
-    r_max: float,
+    max_radius: float,
     batch: Optional[torch.Tensor] = None,
     loop: bool = False,
     max_num_neighbors: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    r"""All pairs of points closer than ``r_max``, as ``edge_index = [edge_src, edge_dst]``.
+    r"""All pairs of points closer than ``max_radius``, as ``edge_index = [edge_src, edge_dst]``.
 
     .. math:: \{(j, i) : \|x_j - x_i\| < r_{max},\ \mathrm{batch}_j = \mathrm{batch}_i,\
               j \ne i \text{ unless loop}\}
@@ -100,13 +104,13 @@ def radius_graph(
     arbitrary subset, in the order of its k-d tree search).
 
     The pure-torch backend is a cell list: points are sorted into cubes of side
-    ``r_max / CELLS_PER_RADIUS`` and each pair is looked for once, among the cubes within
-    ``r_max`` on one side of a point, so the work and memory are linear in the number of points
+    ``max_radius / CELLS_PER_RADIUS`` and each pair is looked for once, among the cubes within
+    ``max_radius`` on one side of a point, so the work and memory are linear in the number of points
     at fixed density (no ``N x N`` distance matrix).
 
     Args:
         pos: ``[num_nodes, 3]`` positions.
-        r_max: cutoff radius (> 0); pairs at distance exactly ``r_max`` are not connected.
+        max_radius: cutoff radius (> 0); pairs at distance exactly ``max_radius`` are not connected.
         batch: ``[num_nodes]`` integer graph index of each node, or ``None`` for one graph.
         loop: include self-loops ``(i, i)``.
         max_num_neighbors: cap on the number of neighbours of each centre, or ``None``.
@@ -121,8 +125,8 @@ def radius_graph(
             [0, 1]])
     """
     _check_positions(pos)
-    if not (isinstance(r_max, (int, float)) and 0 < r_max < float("inf")):
-        raise ValueError(f"r_max must be a positive finite number, got {r_max!r}")
+    if not (isinstance(max_radius, (int, float)) and 0 < max_radius < float("inf")):
+        raise ValueError(f"max_radius must be a positive finite number, got {max_radius!r}")
     batch = _check_batch(batch, pos)
     if batch is not None and batch.numel() > 0 and bool(batch.min() < 0):
         raise ValueError("batch entries must be >= 0")  # (a device sync: not in forward)
@@ -133,11 +137,11 @@ def radius_graph(
             f"max_num_neighbors must be None or an integer >= 0, got {max_num_neighbors!r}"
         )
     if _resolve_backend(backend, "torch_cluster") == "pyg":
-        return _radius_graph_pyg(pos, r_max, batch, loop, max_num_neighbors)
-    return _radius_graph_cells(pos, float(r_max), batch, loop, max_num_neighbors)
+        return _radius_graph_pyg(pos, max_radius, batch, loop, max_num_neighbors)
+    return _radius_graph_cells(pos, float(max_radius), batch, loop, max_num_neighbors)
 
 
-def _radius_graph_pyg(pos, r_max, batch, loop, max_num_neighbors):
+def _radius_graph_pyg(pos, max_radius, batch, loop, max_num_neighbors):
     import torch_cluster
 
     num_nodes = pos.shape[0]
@@ -146,21 +150,28 @@ def _radius_graph_pyg(pos, r_max, batch, loop, max_num_neighbors):
     if batch is not None and num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
         # torch-cluster assumes nodes sorted by graph; sort, search, and map back.
         order = torch.argsort(batch, stable=True)
-        edge_index = _radius_graph_pyg(pos[order], r_max, batch[order], loop, max_num_neighbors)
+        edge_index = _radius_graph_pyg(
+            pos[order], max_radius, batch[order], loop, max_num_neighbors
+        )
         return order[edge_index]
     # No cap inside torch-cluster: it would keep an arbitrary subset (the order of its k-d tree
     # search, and with loop=False sometimes one neighbour too many). The nearest are kept below.
     edge_index = torch_cluster.radius_graph(
-        pos, r_max, batch=batch, loop=loop, max_num_neighbors=num_nodes, flow="source_to_target"
+        pos,
+        max_radius,
+        batch=batch,
+        loop=loop,
+        max_num_neighbors=num_nodes,
+        flow="source_to_target",
     )
     if max_num_neighbors is not None:
         edge_index = _keep_nearest(edge_index, pos, max_num_neighbors, num_nodes)
     return edge_index
 
 
-# Cells have side r_max / CELLS_PER_RADIUS, so a point's neighbours lie in the cells at most
+# Cells have side max_radius / CELLS_PER_RADIUS, so a point's neighbours lie in the cells at most
 # CELLS_PER_RADIUS steps away along each axis. Smaller cells waste fewer candidate pairs
-# (the searched volume is (2k+1)^3 / k^3 r_max^3: 27 for k = 1, 15.6 for k = 2) at the price
+# (the searched volume is (2k+1)^3 / k^3 max_radius^3: 27 for k = 1, 15.6 for k = 2) at the price
 # of more ranges to look up per point; k = 2 is the faster on CPU (bench/radius_graph.py).
 CELLS_PER_RADIUS = 2
 
@@ -175,7 +186,7 @@ def _forward_columns(k: int) -> list:
     ]
 
 
-def _radius_graph_cells(pos, r_max, batch, loop, max_num_neighbors):
+def _radius_graph_cells(pos, max_radius, batch, loop, max_num_neighbors):
     device = pos.device
     num_nodes = pos.shape[0]
     if num_nodes == 0:
@@ -186,14 +197,14 @@ def _radius_graph_cells(pos, r_max, batch, loop, max_num_neighbors):
     # Cell coordinates are computed in float64: float32 would lose whole cells far from 0.
     k = CELLS_PER_RADIUS
     pos64 = pos.double()
-    cell_size = r_max * (1 + _CELL_MARGIN) / k
+    cell_size = max_radius * (1 + _CELL_MARGIN) / k
     cell = torch.floor((pos64 - pos64.min(dim=0).values) / cell_size).long() + k
     nx, ny, nz = (int(n) + k + 1 for n in cell.max(dim=0).values.tolist())  # k empty layers
     graph = torch.zeros_like(cell[:, 0]) if batch is None else batch
     if (int(graph.max()) + 1) * nx * ny * nz >= 2**62:
         raise ValueError(
-            f"radius_graph: r_max={r_max} is too small for the extent of pos "
-            f"({nx} x {ny} x {nz} cells); rescale the positions or use a larger r_max"
+            f"radius_graph: max_radius={max_radius} is too small for the extent of pos "
+            f"({nx} x {ny} x {nz} cells); rescale the positions or use a larger max_radius"
         )
     # One integer key per (graph, cell), ordered x, y, z: the cells z-k .. z+k of a column
     # have consecutive keys, so after sorting they hold one contiguous run of points.
@@ -221,7 +232,7 @@ def _radius_graph_cells(pos, r_max, batch, loop, max_num_neighbors):
     for chunk in _chunks_by_work(count.sum(dim=1)):
         src, dst = _expand_ranges(chunk, first[chunk], count[chunk])
         dist2 = (pos.index_select(0, src) - pos.index_select(0, dst)).pow(2).sum(dim=1)
-        keep = dist2 < r_max * r_max
+        keep = dist2 < max_radius * max_radius
         edge_src.append(src[keep])
         edge_dst.append(dst[keep])
     pair_a, pair_b = torch.cat(edge_src), torch.cat(edge_dst)
@@ -348,7 +359,7 @@ def scatter(
             f"index has {index.shape[0]} entries but src has {src.shape[dim]} along dim={dim}"
         )
     if index.device != src.device:
-        raise ValueError(f"index is on {index.device} but src is on {src.device}")
+        raise TypeError(f"index is on {index.device} but src is on {src.device}")
     if dim_size is None:
         dim_size = int(index.max()) + 1 if index.numel() > 0 else 0
     if _resolve_backend(backend, "torch_scatter") == "pyg":
@@ -456,13 +467,13 @@ def _check_batch(batch, pos) -> Optional[torch.Tensor]:
             f"batch must have shape [num_nodes] = [{pos.shape[0]}], got {tuple(batch.shape)}"
         )
     if batch.device != pos.device:
-        raise ValueError(f"batch is on {batch.device} but pos is on {pos.device}")
+        raise TypeError(f"batch is on {batch.device} but pos is on {pos.device}")
     return batch.long()
 
 
 def check_graph_inputs(
     module: torch.nn.Module,
-    irreps_input,
+    irreps_in,
     f: torch.Tensor,
     pos: torch.Tensor,
     edge_index: Optional[torch.Tensor],
@@ -470,23 +481,24 @@ def check_graph_inputs(
 ) -> None:
     """Validate the inputs of a graph layer's ``forward`` before any computation.
 
-    Checks ``f: [num_nodes, irreps_input.dim]``, ``pos: [num_nodes, 3]``, ``edge_index:
+    Checks ``f: [num_nodes, irreps_in.dim]``, ``pos: [num_nodes, 3]``, ``edge_index:
     [2, num_edges]`` (integer), ``batch: [num_nodes]``, and that all live on one device with
-    the dtype of the module's parameters. Raises ``TypeError``/``ValueError`` naming the
-    argument. (Index ranges are not checked here: that would cost a device sync.)
+    the dtype of the module's parameters. Raises ``ValueError`` for a wrong shape and
+    ``TypeError`` for a wrong dtype or device (the one type for both everywhere in se3tutor),
+    naming the argument. (Index ranges are not checked here: that would cost a device sync.)
     """
     if not isinstance(f, torch.Tensor):
         raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
     _check_positions(pos)
-    if f.dim() != 2 or f.shape[1] != irreps_input.dim:
+    if f.dim() != 2 or f.shape[1] != irreps_in.dim:
         raise ValueError(
-            f"f must have shape [num_nodes, {irreps_input.dim}] for irreps_input="
-            f"{irreps_input}, got {tuple(f.shape)}"
+            f"f must have shape [num_nodes, {irreps_in.dim}] for irreps_in="
+            f"{irreps_in}, got {tuple(f.shape)}"
         )
     if f.shape[0] != pos.shape[0]:
         raise ValueError(f"f has {f.shape[0]} nodes but pos has {pos.shape[0]}")
     if f.device != pos.device:
-        raise ValueError(f"f is on {f.device} but pos is on {pos.device}")
+        raise TypeError(f"f is on {f.device} but pos is on {pos.device}")
     if f.dtype != pos.dtype:
         raise TypeError(f"f is {f.dtype} but pos is {pos.dtype}; use one dtype")
     parameter = next(module.parameters(), None)
@@ -507,4 +519,4 @@ def check_graph_inputs(
                 f"edge_index must have shape [2, num_edges], got {tuple(edge_index.shape)}"
             )
         if edge_index.device != pos.device:
-            raise ValueError(f"edge_index is on {edge_index.device} but pos is on {pos.device}")
+            raise TypeError(f"edge_index is on {edge_index.device} but pos is on {pos.device}")

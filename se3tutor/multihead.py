@@ -3,8 +3,9 @@ r"""Multi-head equivariant attention on a graph, and the edge data it reads
 
 :func:`edge_geometry` computes once per forward pass what every layer needs about the edges
 (:class:`EdgeGeometry`); :class:`MultiHeadAttention` is one attention sublayer of
-:class:`se3tutor.SE3Transformer`. Variants (tied, linear or one-headed keys, null and global
-keys) override its steps in :mod:`se3tutor.variants`.
+:class:`se3tutor.SE3Transformer`. The front end for se3-transformer-pytorch users builds
+variants of it (tied, linear or one-headed keys, null and global keys, rotary keys) that
+override its steps, in :mod:`se3tutor.dense`.
 """
 
 from __future__ import annotations
@@ -20,21 +21,11 @@ from se3tutor.tensor_product import DepthwiseTensorProduct
 
 __all__ = [
     "EdgeGeometry",
-    "GlobalTokens",
     "KeysValues",
     "MultiHeadAttention",
     "edge_geometry",
     "sqrt_flat_at_zero",
 ]
-
-
-class GlobalTokens(NamedTuple):
-    """Invariant features of each graph as a whole (``m`` tokens per graph), and which node
-    sees which token: every node sees all tokens of its own graph."""
-
-    feats: torch.Tensor  # [num_graphs * m, global_feats_dim], graph g's tokens in rows g*m..
-    token: torch.Tensor  # [num_nodes * m] row of feats ...
-    node: torch.Tensor  # [num_nodes * m] ... that this node sees
 
 
 class EdgeGeometry(NamedTuple):
@@ -45,8 +36,6 @@ class EdgeGeometry(NamedTuple):
     edge_sh: torch.Tensor  # [num_edges, irreps_sh.dim] Y(x_ij / |x_ij|), component norm
     edge_scalars: torch.Tensor  # [num_edges, number_of_basis + edge_attr_dim] radial MLP input
     edge_log_weight: torch.Tensor  # [num_edges] log c(r_ij) of the smooth cutoff
-    edge_rotary: Optional[torch.Tensor] = None  # [num_edges, k] relative positions (rotary.py)
-    global_tokens: Optional[GlobalTokens] = None  # only for models given global features
 
 
 def edge_geometry(
@@ -121,7 +110,7 @@ class MultiHeadAttention(torch.nn.Module):
     ``attend_self`` each node also attends to itself, with key :math:`W_K^{self} f_i`, value
     :math:`W_V^{self} f_i` and weight 1.
 
-    The steps are methods, so that a variant (:mod:`se3tutor.variants`) replaces one of them:
+    The steps are methods, so that a variant (:mod:`se3tutor.dense.variants`) replaces one of them:
     :meth:`edge_keys_values` (keys and values of the edges), :meth:`keys_values` (all that the
     nodes attend to), :meth:`expand_heads` (key/value layout -> one slice per query head).
 
@@ -170,9 +159,6 @@ class MultiHeadAttention(torch.nn.Module):
         # Summing q * k over a head's components, divided by sqrt(d): a [dim, heads] matrix.
         head_sum = torch.nn.functional.one_hot(head_of, num_heads) / self.irreps_head.dim**0.5
         self.register_buffer("head_sum", head_sum.to(torch.get_default_dtype()), persistent=False)
-
-    attends_to_global_tokens = False  # see se3tutor.variants.GlobalKeysValues
-    rotary_positions = 0  # relative positions per edge it reads: se3tutor.rotary.RotaryKeys
 
     def key_value_heads(self) -> int:
         """How many heads of keys and values there are (one per query head)."""

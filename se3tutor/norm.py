@@ -21,11 +21,24 @@ from e3nn import nn, o3
 
 __all__ = [
     "EquivariantLayerNorm",
+    "channel_index",
     "gated_nonlinearity",
     "pre_norm_bound",
     "second_moment_deviation",
     "second_moment_per_irrep",
 ]
+
+
+def channel_index(irreps) -> torch.Tensor:
+    """``[irreps.dim]``: the channel (copy of an irrep, counted over all blocks) that each
+    component belongs to, e.g. to sum squares per channel with ``index_add``.
+
+    >>> channel_index(o3.Irreps("2x0e + 1x1o")).tolist()
+    [0, 1, 2, 2, 2]
+    """
+    irreps = o3.Irreps(irreps)
+    dims = torch.tensor([ir.dim for mul, ir in irreps for _ in range(mul)], dtype=torch.long)
+    return torch.arange(irreps.num_irreps).repeat_interleave(dims)
 
 
 def second_moment_per_irrep(f: torch.Tensor, irreps) -> dict[str, torch.Tensor]:

@@ -33,7 +33,10 @@ __all__ = [
     "adam_with_cosine_decay",
     "energy_force_loss",
     "fit_reference_energies",
+    "batches",
     "predict",
+    "predicted_batches",
+    "steps_per_epoch",
     "train_energy_model",
 ]
 
@@ -115,11 +118,11 @@ class EnergyModel(torch.nn.Module):
 def fit_reference_energies(model: EnergyModel, structures: Sequence) -> None:
     """:meth:`EnergyModel.fit_reference` on the energies of ``structures``."""
     parameter = next(model.parameters())
-    everything = collate(structures, model.species, parameter.dtype)
+    everything = collate(structures, model.species, parameter.dtype, parameter.device)
     model.fit_reference(
-        everything["species_index"].to(parameter.device),
-        everything["batch"].to(parameter.device),
-        everything["energy"].to(parameter.device),
+        everything["species_index"],
+        everything["batch"],
+        everything["energy"],
         num_graphs=len(structures),
     )
 
@@ -175,11 +178,7 @@ def energy_force_loss(
     return energy_term + force_weight * force_term, energy_term, force_term
 
 
-def _to(data: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in data.items()}
-
-
-def _batches(structures: Sequence, batch_size: int, generator=None):
+def batches(structures: Sequence, batch_size: int, generator=None):
     """``structures`` in batches of ``batch_size`` (the last one smaller), shuffled if a
     ``generator`` is given."""
     if generator is None:
@@ -188,6 +187,23 @@ def _batches(structures: Sequence, batch_size: int, generator=None):
         order = torch.randperm(len(structures), generator=generator)
     for start in range(0, len(structures), batch_size):
         yield [structures[int(i)] for i in order[start : start + batch_size]]
+
+
+def steps_per_epoch(num_structures: int, batch_size: int) -> int:
+    """Batches in one pass over ``num_structures`` (the last one may be smaller)."""
+    return (num_structures + batch_size - 1) // batch_size
+
+
+def predicted_batches(model: EnergyModel, structures: Sequence, batch_size: int = 16):
+    """``(data, energy, forces)`` of each batch of ``structures`` in order: the batch as
+    :func:`se3tutor.data.collate` makes it, on the model's device and in its dtype, and the
+    model's energies and forces for it (detached). Puts the model in eval mode."""
+    parameter = next(model.parameters())
+    model.eval()
+    for batch in batches(structures, batch_size):
+        data = collate(batch, model.species, parameter.dtype, parameter.device)
+        energy, forces = model(data["pos"], data["species_index"], data["batch"], len(batch))
+        yield data, energy.detach(), forces.detach()
 
 
 def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16):
@@ -200,14 +216,10 @@ def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16):
     >>> energy.shape, forces.shape
     (torch.Size([3]), torch.Size([39, 3]))
     """
-    parameter = next(model.parameters())
-    model.eval()
     energies, forces = [], []
-    for batch in _batches(structures, batch_size):
-        data = _to(collate(batch, model.species, parameter.dtype), parameter.device)
-        energy, force = model(data["pos"], data["species_index"], data["batch"], len(batch))
-        energies.append(energy.detach().double().cpu())
-        forces.append(force.detach().double().cpu())
+    for _, energy, force in predicted_batches(model, structures, batch_size):
+        energies.append(energy.double().cpu())
+        forces.append(force.double().cpu())
     return torch.cat(energies), torch.cat(forces)
 
 
@@ -243,15 +255,15 @@ def train_energy_model(
         raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
     parameter = next(model.parameters())
     fit_reference_energies(model, structures)
-    steps_per_epoch = -(-len(structures) // batch_size)
-    optimizer, schedule = adam_with_cosine_decay(model, lr, epochs * steps_per_epoch)
+    total_steps = epochs * steps_per_epoch(len(structures), batch_size)
+    optimizer, schedule = adam_with_cosine_decay(model, lr, total_steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
     for _ in range(epochs):
         total = 0.0
-        for batch in _batches(structures, batch_size, generator):
-            data = _to(collate(batch, model.species, parameter.dtype), parameter.device)
+        for batch in batches(structures, batch_size, generator):
+            data = collate(batch, model.species, parameter.dtype, parameter.device)
             loss, _, _ = energy_force_loss(model, data, force_weight)
             optimizer.zero_grad()
             loss.backward()

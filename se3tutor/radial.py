@@ -30,7 +30,7 @@ __all__ = [
     "CUTOFF_SHARPNESS",
 ]
 
-# soft_unit_step(CUTOFF_SHARPNESS * (1 - r / r_max)) rises from 0 at r = r_max to
+# soft_unit_step(CUTOFF_SHARPNESS * (1 - r / max_radius)) rises from 0 at r = max_radius to
 # exp(-1/CUTOFF_SHARPNESS) ~ 0.905 at r = 0: a sharper step wastes less of the sphere but has
 # larger derivatives near the cutoff. 10 is the value of e3nn's attention guide.
 CUTOFF_SHARPNESS = 10.0

@@ -22,6 +22,7 @@ invariant to the order of the nodes.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -32,7 +33,6 @@ from e3nn import o3
 from se3tutor.graph import check_graph_inputs, radius_graph
 from se3tutor.multihead import (  # the attention sublayer and its edge data
     EdgeGeometry,
-    GlobalTokens,
     KeysValues,
     MultiHeadAttention,
     edge_geometry,
@@ -42,7 +42,6 @@ from se3tutor.norm import EquivariantLayerNorm, gated_nonlinearity
 __all__ = [
     "EdgeGeometry",
     "FeedForward",
-    "GlobalTokens",
     "KeysValues",
     "MultiHeadAttention",
     "SE3Transformer",
@@ -142,7 +141,9 @@ class SE3Transformer(torch.nn.Module):
             multiplicities divided by ``num_heads`` (at least 1).
         irreps_sh: edge spherical harmonics; default up to the largest degree of the hidden
             irreps.
-        number_of_basis, radial_hidden: radial embedding size and radial MLP width.
+        number_of_basis, radial_hidden: radial embedding size and radial MLP width (32 by
+            default: the chapters' single layers keep the 16 of e3nn's guides, which they
+            reproduce exactly; this model has no such reference).
         max_num_neighbors: keep only the nearest ones per node (``radius_graph``'s cap);
             ``None`` keeps all within ``max_radius``.
         edge_attr_dim: width of the optional invariant edge features ``edge_attr``, which
@@ -150,24 +151,26 @@ class SE3Transformer(torch.nn.Module):
         attend_self: each node also attends to itself.
         irreps_feed_forward: the feed-forward block's inner irreps; default twice the hidden
             multiplicities.
-        attention: the attention class (or a factory with its arguments), e.g. a
-            combination of the variants of :mod:`se3tutor.variants`.
+        attention: the attention class (or a factory with its arguments); the front end
+            :mod:`se3tutor.dense` passes combinations of its variants.
         norm: makes every norm of the model from its irreps (default
             :func:`node_layer_norm`).
         stem: factories of layers ``layer(f, edges) -> f`` run between the embedding and the
             blocks, each called as ``factory(irreps_hidden, irreps_sh, number_of_basis +
-            edge_attr_dim, radial_hidden)`` (e.g. :class:`se3tutor.variants.ConvolutionBlock`).
+            edge_attr_dim, radial_hidden)`` (e.g.
+            :class:`se3tutor.dense.variants.ConvolutionBlock`).
 
     Float64: build under ``se3tutor.checks.default_dtype(torch.float64)`` (e3nn computes its
     constants in the default dtype).
 
+    ``forward`` is :meth:`edges` (the graph and its geometry) then :meth:`propagate` (the
+    layers); a caller with more to say about the edges (the front end :mod:`se3tutor.dense`)
+    calls the two itself.
+
     Shapes: ``f [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``, ``batch [num_nodes]``
     (PyTorch Geometric convention: the graph of each node), ``edge_index [2, num_edges]``
     (default: ``radius_graph(pos, max_radius, batch)``), ``edge_attr [num_edges,
-    edge_attr_dim]``, ``global_feats [num_graphs, m, global_feats_dim]`` (invariant; for an
-    attention that uses them, see :class:`se3tutor.variants.GlobalKeysValues`),
-    ``edge_rotary [num_edges, k]`` (relative positions, for :class:`se3tutor.rotary.RotaryKeys`) ->
-    ``[num_nodes, irreps_out.dim]``.
+    edge_attr_dim]`` -> ``[num_nodes, irreps_out.dim]``.
 
     >>> model = SE3Transformer("4x0e", hidden_irreps(8, 1), "1x1o", max_radius=2.0,
     ...                        num_layers=2, num_heads=2)
@@ -208,7 +211,7 @@ class SE3Transformer(torch.nn.Module):
         lmax = max(ir.l for _, ir in self.irreps_hidden)
         self.irreps_sh = o3.Irreps(irreps_sh or o3.Irreps.spherical_harmonics(lmax))
         if irreps_head is None:
-            irreps_head = [(-(-mul // num_heads), ir) for mul, ir in self.irreps_hidden]
+            irreps_head = [(math.ceil(mul / num_heads), ir) for mul, ir in self.irreps_hidden]
         if irreps_feed_forward is None:
             irreps_feed_forward = [(2 * mul, ir) for mul, ir in self.irreps_hidden]
         self.max_radius = max_radius
@@ -260,25 +263,29 @@ class SE3Transformer(torch.nn.Module):
         batch: Optional[torch.Tensor] = None,
         edge_index: Optional[torch.Tensor] = None,
         edge_attr: Optional[torch.Tensor] = None,
-        global_feats: Optional[torch.Tensor] = None,
-        edge_rotary: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
-        self._check_edge_attr(edge_attr, edge_index, f)
-        self._check_edge_rotary(edge_rotary, edge_index, f)
-        if global_feats is not None:
-            self._check_global_feats(global_feats, f)
+        self.check_inputs(f, pos, batch, edge_index, edge_attr)
+        return self.propagate(f, self.edges(pos, batch, edge_index, edge_attr))
+
+    def edges(
+        self,
+        pos: torch.Tensor,
+        batch: Optional[torch.Tensor] = None,
+        edge_index: Optional[torch.Tensor] = None,
+        edge_attr: Optional[torch.Tensor] = None,
+    ) -> EdgeGeometry:
+        """The graph (``edge_index``, default: the radius graph) and its geometry, which
+        every layer reads (:func:`se3tutor.multihead.edge_geometry`)."""
         if edge_index is None:
             edge_index = radius_graph(
                 pos, self.max_radius, batch=batch, max_num_neighbors=self.max_num_neighbors
             )
-        edges = edge_geometry(
+        return edge_geometry(
             pos, edge_index, self.irreps_sh, self.max_radius, self.number_of_basis, edge_attr
         )
-        if edge_rotary is not None:
-            edges = edges._replace(edge_rotary=edge_rotary)
-        if global_feats is not None:
-            edges = edges._replace(global_tokens=_global_tokens(global_feats, batch, len(f)))
+
+    def propagate(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
+        """Embedding, stem, blocks, final norm and readout over the given edges."""
         f = self.embed(f)
         for layer in self.stem:
             f = layer(f, edges)
@@ -291,29 +298,9 @@ class SE3Transformer(torch.nn.Module):
             f = block(f, edges)
         return f
 
-    def _check_global_feats(self, global_feats, f) -> None:
-        if not all(block.attention.attends_to_global_tokens for block in self.blocks):
-            raise ValueError("global_feats given, but the attention does not attend to them")
-        if global_feats.dim() != 3 or global_feats.dtype != f.dtype:
-            raise ValueError(
-                f"global_feats must be [num_graphs, m, global_feats_dim] of dtype {f.dtype}, "
-                f"got {tuple(global_feats.shape)} {global_feats.dtype}"
-            )
-        if global_feats.device != f.device:
-            raise TypeError(f"global_feats must be on {f.device}")
-
-    def _check_edge_rotary(self, edge_rotary, edge_index, f) -> None:
-        wanted = {block.attention.rotary_positions for block in self.blocks} or {0}
-        if wanted != {0 if edge_rotary is None else edge_rotary.shape[-1]}:
-            raise ValueError(f"the attention reads {wanted} relative positions (edge_rotary)")
-        if edge_rotary is None:
-            return
-        if edge_index is None or edge_rotary.shape[0] != edge_index.shape[1]:
-            raise ValueError("edge_rotary must be [num_edges, k] for the edge_index given")
-        if edge_rotary.dtype != f.dtype or edge_rotary.device != f.device:
-            raise TypeError(f"edge_rotary must be {f.dtype} on {f.device}")
-
-    def _check_edge_attr(self, edge_attr, edge_index, f) -> None:
+    def check_inputs(self, f, pos, batch=None, edge_index=None, edge_attr=None) -> None:
+        """Raise ``ValueError`` (shapes) or ``TypeError`` (dtype, device) naming the argument."""
+        check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
         if self.edge_attr_dim == 0:
             if edge_attr is not None:
                 raise ValueError("edge_attr given, but the model was built with edge_attr_dim=0")
@@ -332,13 +319,3 @@ class SE3Transformer(torch.nn.Module):
             )
         if edge_attr.dtype != f.dtype or edge_attr.device != f.device:
             raise TypeError(f"edge_attr must be {f.dtype} on {f.device}")
-
-
-def _global_tokens(global_feats: torch.Tensor, batch: Optional[torch.Tensor], num_nodes: int):
-    """Every node sees the ``m`` tokens of its graph: ``global_feats [num_graphs, m, dim]``."""
-    num_graphs, m, _ = global_feats.shape
-    if batch is None:
-        batch = torch.zeros(num_nodes, dtype=torch.long, device=global_feats.device)
-    tokens = batch[:, None] * m + torch.arange(m, device=batch.device)  # [num_nodes, m]
-    nodes = torch.arange(num_nodes, device=batch.device).repeat_interleave(m)
-    return GlobalTokens(global_feats.reshape(num_graphs * m, -1), tokens.reshape(-1), nodes)

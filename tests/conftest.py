@@ -45,10 +45,6 @@ def device(request):
     return torch.device(request.param)
 
 
-def test_the_pyg_backends_are_installed_when_required():
-    assert HAVE_PYG or not REQUIRE_PYG, "SE3TUTOR_REQUIRE_PYG=1 but torch-cluster/scatter missing"
-
-
 @pytest.fixture
 def tolerance(dtype):
     return TOLERANCE[dtype]

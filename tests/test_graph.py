@@ -1,5 +1,8 @@
 """se3tutor.graph: radius graph, scatter and segment softmax, on both backends."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -12,10 +15,18 @@ from se3tutor.graph import (
 )
 
 
-def brute_force_edges(pos, r_max, batch=None, loop=False):
-    """Every pair closer than r_max, from the full distance matrix (small clouds only)."""
+def test_the_compiled_backends_are_installed_when_required():
+    # `make test` sets SE3TUTOR_REQUIRE_PYG=1, so that a missing compiled backend fails the
+    # run instead of skipping every test of it.
+    have_pyg = all(importlib.util.find_spec(m) for m in ("torch_cluster", "torch_scatter"))
+    required = os.environ.get("SE3TUTOR_REQUIRE_PYG") == "1"
+    assert have_pyg or not required, "SE3TUTOR_REQUIRE_PYG=1 but torch-cluster/scatter missing"
+
+
+def brute_force_edges(pos, max_radius, batch=None, loop=False):
+    """Every pair closer than max_radius, from the full distance matrix (small clouds only)."""
     dist2 = (pos[:, None] - pos[None]).pow(2).sum(-1)
-    connected = dist2 < r_max**2
+    connected = dist2 < max_radius**2
     if batch is not None:
         connected &= batch[:, None] == batch[None]
     if not loop:
@@ -33,7 +44,9 @@ def edge_set(edge_index):
 @pytest.mark.parametrize("num_nodes", [0, 1, 2, 30, 500])
 @pytest.mark.parametrize("loop", [False, True])
 @pytest.mark.parametrize("batched", [False, True])
-def test_radius_graph_finds_exactly_the_pairs_closer_than_r_max(backend, num_nodes, loop, batched):
+def test_radius_graph_finds_exactly_the_pairs_closer_than_max_radius(
+    backend, num_nodes, loop, batched
+):
     pos = torch.randn(num_nodes, 3) * 2
     batch = torch.randint(0, 3, (num_nodes,)) if batched else None  # unsorted on purpose
     edge_index = radius_graph(pos, 1.1, batch=batch, loop=loop)
@@ -65,12 +78,12 @@ def test_points_exactly_at_the_cutoff_are_not_connected_and_coincident_points_ar
 
 
 def test_a_cloud_far_from_the_origin_loses_no_pair():
-    # float32 positions near 1e4 with r_max 0.5: cell indices must not suffer from rounding.
+    # float32 positions near 1e4 with max_radius 0.5: cell indices must not suffer from rounding.
     pos = (torch.rand(400, 3) * 3 + 1e4).double().float()
     assert edge_set(radius_graph(pos, 0.5, backend="torch")) == brute_force_edges(pos, 0.5)
 
 
-def test_the_neighbour_cap_keeps_the_nearest_neighbours(backend):
+def test_the_neighbor_cap_keeps_the_nearest_neighbors(backend):
     pos = torch.randn(300, 3)
     full = radius_graph(pos, 1.5)
     capped = radius_graph(pos, 1.5, max_num_neighbors=5)
@@ -83,7 +96,7 @@ def test_the_neighbour_cap_keeps_the_nearest_neighbours(backend):
         assert torch.equal(kept_dist, dist[: len(kept)])
 
 
-def test_both_backends_keep_the_same_nearest_neighbours_under_a_cap():
+def test_both_backends_keep_the_same_nearest_neighbors_under_a_cap():
     pytest.importorskip("torch_cluster")
     pos = torch.randn(300, 3)
     for loop in (False, True):
@@ -113,7 +126,7 @@ def test_the_cell_list_is_chunked_when_candidates_are_many(monkeypatch):
     [
         ({"pos": torch.randn(5, 2)}, "pos must have shape"),
         ({"pos": torch.randint(0, 3, (5, 3))}, "floating-point"),
-        ({"r_max": -1.0}, "r_max"),
+        ({"max_radius": -1.0}, "max_radius"),
         ({"batch": torch.zeros(4, dtype=torch.long)}, "batch must have shape"),
         ({"batch": torch.zeros(5)}, "batch must be an integer"),
         ({"batch": torch.tensor([0, 0, -1, 1, 1])}, "batch entries must be >= 0"),
@@ -122,7 +135,7 @@ def test_the_cell_list_is_chunked_when_candidates_are_many(monkeypatch):
     ],
 )
 def test_radius_graph_rejects_bad_input_naming_the_argument(kwargs, error):
-    args = {"pos": torch.randn(5, 3), "r_max": 1.0, **kwargs}
+    args = {"pos": torch.randn(5, 3), "max_radius": 1.0, **kwargs}
     with pytest.raises((ValueError, TypeError), match=error):
         radius_graph(**args)
 
@@ -212,7 +225,7 @@ def test_segment_softmax_with_log_weights_equals_the_weighted_one():
 
 
 def test_segment_softmax_gradients_stay_finite_when_every_weight_underflows():
-    # c(r) of a lone neighbour at 0.999 r_max is exp(-100) ~ 4e-44: subnormal in float32, and
+    # c(r) of a lone neighbour at 0.999 max_radius is exp(-100) ~ 4e-44: subnormal in float32, and
     # the weighted form's backward divides by its square (0). In log form z >= 1.
     logits = torch.zeros(2, requires_grad=True)
     index = torch.tensor([0, 0])

@@ -25,7 +25,7 @@ def make_convolution():
         "4x0e + 3x1o + 2x1e + 1x2e",
         "3x0e + 2x0o + 2x1o + 1x2e",
         o3.Irreps.spherical_harmonics(2),
-        num_basis=6,
+        number_of_basis=6,
         max_radius=MAX_RADIUS,
         num_neighbors=4.0,
     )
@@ -62,7 +62,7 @@ def layer(request, dtype):
 
 def random_inputs(layer, num_nodes=25, device="cpu"):
     dtype = next(layer.parameters()).dtype
-    f = layer.irreps_input.randn(num_nodes, -1, dtype=dtype, device=device)
+    f = layer.irreps_in.randn(num_nodes, -1, dtype=dtype, device=device)
     pos = torch.randn(num_nodes, 3, dtype=dtype, device=device)
     return f, pos
 
@@ -73,15 +73,13 @@ def test_layer_is_equivariant_under_random_rotations_and_translations(
     layer = layer.to(device=device)
     f, pos = random_inputs(layer, device=device)
     for _ in range(3):
-        error = equivariance_error(layer, layer.irreps_input, layer.irreps_output, f, pos)
+        error = equivariance_error(layer, layer.irreps_in, layer.irreps_out, f, pos)
         assert error < tolerance
 
 
 def test_layer_is_equivariant_under_inversion(layer, dtype, tolerance):
     f, pos = random_inputs(layer)
-    error = equivariance_error(
-        layer, layer.irreps_input, layer.irreps_output, f, pos, inversion=True
-    )
+    error = equivariance_error(layer, layer.irreps_in, layer.irreps_out, f, pos, inversion=True)
     assert error < tolerance
 
 
@@ -89,9 +87,9 @@ def test_layer_is_equivariant_under_inversion(layer, dtype, tolerance):
 def test_the_inversion_check_catches_a_parity_mistake(layer, dtype):
     # Declaring the odd vector outputs even must break the inversion check (and only it).
     f, pos = random_inputs(layer)
-    wrong = o3.Irreps(str(layer.irreps_output).replace("1o", "1e"))
-    assert equivariance_error(layer, layer.irreps_input, wrong, f, pos) < 1e-10
-    assert equivariance_error(layer, layer.irreps_input, wrong, f, pos, inversion=True) > 1e-3
+    wrong = o3.Irreps(str(layer.irreps_out).replace("1o", "1e"))
+    assert equivariance_error(layer, layer.irreps_in, wrong, f, pos) < 1e-10
+    assert equivariance_error(layer, layer.irreps_in, wrong, f, pos, inversion=True) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float64], ids=["float64"])
@@ -117,15 +115,15 @@ def test_a_given_edge_index_is_used_instead_of_the_radius_graph(layer, dtype):
         layer(f, pos, edge_index=radius_graph(pos, MAX_RADIUS)), layer(f, pos)
     )
     no_edges = torch.empty(2, 0, dtype=torch.long)
-    assert torch.equal(layer(f, pos, edge_index=no_edges), torch.zeros(25, layer.irreps_output.dim))
+    assert torch.equal(layer(f, pos, edge_index=no_edges), torch.zeros(25, layer.irreps_out.dim))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])
 def test_a_single_node_and_a_graph_without_edges_give_zeros(layer, dtype):
     f, pos = random_inputs(layer, num_nodes=1)
-    assert torch.equal(layer(f, pos), torch.zeros(1, layer.irreps_output.dim))
+    assert torch.equal(layer(f, pos), torch.zeros(1, layer.irreps_out.dim))
     f, pos = random_inputs(layer, num_nodes=4)
-    assert torch.equal(layer(f, pos * 100), torch.zeros(4, layer.irreps_output.dim))
+    assert torch.equal(layer(f, pos * 100), torch.zeros(4, layer.irreps_out.dim))
 
 
 @pytest.mark.parametrize(
@@ -143,9 +141,14 @@ def test_convolution_computes_the_guide_formula_exactly():
     # its l=1 harmonics cannot couple 10x0e + 10x1e to 20x0e + 10x1e, so the sign drops out.
     irreps_sh = o3.Irreps.spherical_harmonics(2)
     conv = Convolution(
-        "10x0e + 10x1e", "20x0e + 10x1e", irreps_sh, num_basis=10, max_radius=1.8, num_neighbors=9.5
+        "10x0e + 10x1e",
+        "20x0e + 10x1e",
+        irreps_sh,
+        number_of_basis=10,
+        max_radius=1.8,
+        num_neighbors=9.5,
     )
-    f_in, pos = conv.irreps_input.randn(100, -1), torch.randn(100, 3)
+    f_in, pos = conv.irreps_in.randn(100, -1), torch.randn(100, 3)
     edge_src, edge_dst = radius_graph(pos, 1.8)
     edge_vec = pos[edge_dst] - pos[edge_src]
     sh = o3.spherical_harmonics(irreps_sh, edge_vec, normalize=True, normalization="component")
@@ -231,12 +234,18 @@ def test_layers_reject_a_batch_or_edge_index_of_the_wrong_shape(layer, dtype):
         layer(f, pos, edge_index=torch.zeros(3, 5, dtype=torch.long))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])
-def test_layers_reject_inputs_on_another_device(layer, dtype):
+def test_layers_reject_inputs_on_another_device_with_a_type_error(layer, dtype):
+    # The meta device stands in for a GPU: a mismatch is caught before any computation.
     f, pos = random_inputs(layer)
-    with pytest.raises(ValueError, match="f is on cpu but pos is on cuda"):
-        layer(f, pos.cuda())
+    with pytest.raises(TypeError, match="f is on cpu but pos is on meta"):
+        layer(f, pos.to("meta"))
+    with pytest.raises(TypeError, match="edge_index is on meta but pos is on cpu"):
+        layer(f, pos, edge_index=torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    with pytest.raises(
+        TypeError, match="parameters are torch.float32 on cpu but f is torch.float64"
+    ):
+        layer(f.double(), pos.double())  # the parameters are float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])

@@ -241,7 +241,7 @@ def test_the_radial_embedding_needs_its_sqrt_of_the_number_of_basis(graph):
     assert second_moment_deviation(bumps) > WITHIN_FACTOR  # about 1/B = 0.1
 
 
-def test_the_radial_mlp_needs_e3nns_initialisation(graph):
+def test_the_radial_mlp_needs_e3nns_initialization(graph):
     pos, edge_index, _ = graph
     edge_length = edge_vectors(pos, edge_index).norm(dim=1)
     embedded = embed_edge_length(edge_length, 1.3, 10, cutoff=False)
@@ -262,7 +262,7 @@ def test_the_radial_mlp_needs_e3nns_initialisation(graph):
     assert second_moment_deviation(torch_mlp) > WITHIN_FACTOR  # about 0.08
 
 
-def test_the_tensor_product_needs_its_path_normalisation(graph):
+def test_the_tensor_product_needs_its_path_normalization(graph):
     pos, edge_index, _ = graph
     irreps, irreps_sh = o3.Irreps("8x0e + 4x1o + 2x2e"), o3.Irreps.spherical_harmonics(2)
     edge_sh = o3.spherical_harmonics(irreps_sh, edge_vectors(pos, edge_index), True, "component")
@@ -297,7 +297,7 @@ def attention_outputs(att, f, pos, edge_index):
     layer's own submodules."""
     edge_src, edge_dst = edge_index
     edge_vec = edge_vectors(pos, edge_index)
-    edge_length_embedded, edge_log_weight = att.embed_edge_length(edge_vec.norm(dim=1))
+    edge_length_embedded, edge_log_weight = att.edge_embedding(edge_vec.norm(dim=1))
     edge_sh = o3.spherical_harmonics(att.irreps_sh, edge_vec, True, normalization="component")
     q = att.h_q(f)
     k = att.tp_k(f[edge_src], edge_sh, att.fc_k(edge_length_embedded))
@@ -324,7 +324,7 @@ def test_the_attention_needs_its_sqrt_alpha(graph):
     assert second_moment_deviation(with_alpha, irreps) > WITHIN_FACTOR  # about 1/n_eff
 
 
-def test_a_deep_stack_needs_residual_connections_and_normalisation(graph):
+def test_a_deep_stack_needs_residual_connections_and_normalization(graph):
     # The chapter's depth check: the second moment of every irrep type after L layers stays
     # within pre_norm_bound(L, c, m_0). A plain stack of convolutions, each with 1/sqrt(z),
     # leaves it; the same layers in pre-norm residual blocks f <- f + layer(norm(f)) do not.

@@ -50,7 +50,7 @@ DOES_NOT_SHRINK = 2.0
 class HardCutoffAttention(EquivariantAttention):
     """An embedding that is not zero at max_radius (cutoff=False), and weight 1 in the softmax."""
 
-    def embed_edge_length(self, edge_length):
+    def edge_embedding(self, edge_length):
         edge_length_embedded = embed_edge_length(
             edge_length, self.max_radius, self.number_of_basis, cutoff=False
         )
@@ -60,8 +60,8 @@ class HardCutoffAttention(EquivariantAttention):
 class AttentionWithoutCutoffWeight(EquivariantAttention):
     """The smooth embedding, but weight 1 instead of c(r) in the softmax."""
 
-    def embed_edge_length(self, edge_length):
-        edge_length_embedded, _ = super().embed_edge_length(edge_length)
+    def edge_embedding(self, edge_length):
+        edge_length_embedded, _ = super().edge_embedding(edge_length)
         return edge_length_embedded, torch.zeros_like(edge_length)  # log 1: weight 1
 
 
@@ -71,7 +71,7 @@ class ConvolutionWithBiases(Convolution):
     def __init__(self, *args, radial_hidden=16, **kwargs):
         super().__init__(*args, radial_hidden=radial_hidden, **kwargs)
         self.fc = torch.nn.Sequential(
-            torch.nn.Linear(self.num_basis, radial_hidden),
+            torch.nn.Linear(self.number_of_basis, radial_hidden),
             torch.nn.SiLU(),
             torch.nn.Linear(radial_hidden, self.tp.weight_numel),
         )
@@ -119,7 +119,7 @@ def build_layer(name):
 
 
 def random_features(layer, num_nodes):
-    return layer.irreps_input.randn(num_nodes, -1, dtype=torch.float64)
+    return layer.irreps_in.randn(num_nodes, -1, dtype=torch.float64)
 
 
 def jump_ratios(layer, f, pos, node, window, steps=(1e-3, 1e-4)):
@@ -186,15 +186,15 @@ def test_an_edge_that_still_counts_at_the_cutoff_makes_the_output_jump(name):
     assert value_ratio < DOES_NOT_SHRINK and value_jump > 0.01
 
 
-def first_relu_kink(convolution, r_min=0.2, r_max=1.2):
-    """The smallest edge length in [r_min, r_max] at which a hidden unit of the relu radial MLP
+def first_relu_kink(convolution, r_min=0.2, max_radius=1.2):
+    """The smallest edge length in [r_min, max_radius] at which a hidden unit of the relu radial MLP
     changes sign, by bisection to float64 precision (layer0.weight is W_1 up to a constant)."""
 
     def pre_activations(r):
         embedded = embed_edge_length(r, MAX_RADIUS, NUMBER_OF_BASIS, cutoff=convolution.cutoff)
         return embedded @ convolution.fc.layer0.weight.detach()
 
-    r = torch.linspace(r_min, r_max, 10001, dtype=torch.float64)
+    r = torch.linspace(r_min, max_radius, 10001, dtype=torch.float64)
     a = pre_activations(r)
     step, unit = (a[1:] * a[:-1] < 0).nonzero()[0].tolist()  # first sign change on the grid
     low, high = r[step].clone(), r[step + 1].clone()

@@ -160,7 +160,7 @@ def influence(model, f, pos, node, **kwargs):
     return grad.abs().sum(dim=1) > 0
 
 
-def test_a_node_sees_only_its_neighbours_per_layer():
+def test_a_node_sees_only_its_neighbors_per_layer():
     model = build_model(torch.float64, num_layers=1)
     f, pos = random_inputs(model, num_nodes=30, scale=1.5)
     edge_src, edge_dst = radius_graph(pos, MAX_RADIUS)
@@ -232,7 +232,7 @@ def test_the_model_is_smooth_through_the_cutoff_and_differentiable_at_awkward_pl
     assert gradients_match_finite_differences(model, f, pos)
 
 
-def test_the_output_has_second_moment_of_order_one_at_initialisation():
+def test_the_output_has_second_moment_of_order_one_at_initialization():
     model = build_model(num_layers=4)
     f, pos = random_inputs(model, num_nodes=150, scale=1.2)
     second_moment = model(f, pos).pow(2).mean()
@@ -269,7 +269,7 @@ def test_bad_inputs_are_rejected_with_a_message_naming_the_argument():
         model(f, pos, edge_attr=torch.zeros(3, 4))
 
 
-def test_per_node_norms_keep_the_force_small_where_a_lone_neighbour_enters():
+def test_per_node_norms_keep_the_force_small_where_a_lone_neighbor_enters():
     # Two atoms: the vectors of each are fed only by the other's message, tiny near the
     # cutoff. Normalised per irrep block, that tiny block is blown up to size 1 within a
     # sliver of distance (a near-jump and a force spike); per node it stays tiny.
@@ -285,20 +285,6 @@ def test_per_node_norms_keep_the_force_small_where_a_lone_neighbour_enters():
     _, force = response_along_line(model, f, pos, 1, direction, t)
     _, force_per_irrep = response_along_line(per_irrep, f, pos, 1, direction, t)
     assert force_per_irrep.abs().max() > 5 * force.abs().max()
-
-
-def test_attention_variants_compose_and_keep_the_graph_model_equivariant():
-    from se3tutor.variants import LinearKeys, NullKeyValue, OneHeadedKeysValues, attention_class
-
-    attention = attention_class(NullKeyValue, OneHeadedKeysValues, LinearKeys)
-    model = build_model(torch.float64, attention=attention, attend_self=True)
-    layer = model.blocks[0].attention
-    assert all(isinstance(layer, v) for v in (NullKeyValue, OneHeadedKeysValues, LinearKeys))
-    f, pos = random_inputs(model)
-    for inversion in (False, True):
-        assert equivariance_error(model, IRREPS_IN, IRREPS_OUT, f, pos, inversion=inversion) < 1e-9
-    with pytest.raises(ValueError, match="does not attend to them"):
-        build_model(torch.float64)(f, pos, global_feats=torch.zeros(1, 2, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fraction", [0.998, 0.999, 0.9995])

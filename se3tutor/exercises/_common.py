@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 import torch
 from e3nn import o3
 
-from se3tutor.checks import default_dtype
+from se3tutor.checks import default_dtype, equivariance_difference
 
 __all__ = ["ExerciseError"]
 
@@ -125,7 +125,7 @@ def layer_outputs(function: Callable, name: str, layer, f, pos, edge_index, how_
     edge_index)``, without gradients, after checking the reader's output like
     :func:`check_tensor` does, naming the two usual slips of a sum over the edges:
     ``how_to_sum`` says how the edges' terms should reach their centres."""
-    num_nodes, dim = len(pos), layer.irreps_output.dim
+    num_nodes, dim = len(pos), layer.irreps_out.dim
     with torch.no_grad():
         got = call(function, name, layer, f.clone(), pos.clone(), edge_index.clone())
         expected = layer(f, pos, edge_index)
@@ -282,10 +282,9 @@ def equivariance_problem(
         rotations = [o3.rand_matrix(dtype=pos.dtype).to(pos.device) for _ in range(3)]
 
         def difference(rotation, translation):
-            with default_dtype(pos.dtype):
-                d_in = irreps_in.D_from_matrix(rotation.cpu()).to(pos.device)
-                d_out = irreps_out.D_from_matrix(rotation.cpu()).to(pos.device)
-            return layer(f @ d_in.T, pos @ rotation.T + translation) - out @ d_out.T
+            return equivariance_difference(
+                layer, irreps_in, irreps_out, f, pos, rotation, translation, out
+            )
 
         def breaks(d: torch.Tensor) -> bool:  # NaN breaks it too
             return not float(d.abs().max()) <= tolerance

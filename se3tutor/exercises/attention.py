@@ -206,7 +206,7 @@ def _problem(device: torch.device):
             1.5,
         )
         pos = torch.cat([torch.randn(15, 3), torch.full((1, 3), 10.0)])
-        f = layer.irreps_input.randn(len(pos), -1)
+        f = layer.irreps_in.randn(len(pos), -1)
     edge_index = radius_graph(pos, 1.5)
     return layer.to(device), f.to(device), pos.to(device), edge_index.to(device)
 
@@ -236,15 +236,15 @@ def check_attention(attention: Callable, device: Device = None) -> None:
     (``h_q``, ``tp_k``, ``fc_k``, ``tp_v``, ``fc_v``, ``dot``, and ``irreps_sh``,
     ``max_radius``, ``number_of_basis``), against ``layer(f, pos, edge_index)``.
 
-    Shapes: ``f [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
-    ``edge_index [2, num_edges]`` -> ``[num_nodes, irreps_output.dim]``.
+    Shapes: ``f [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``,
+    ``edge_index [2, num_edges]`` -> ``[num_nodes, irreps_out.dim]``.
 
     >>> check_attention(lambda layer, f, pos, edge_index: layer(f, pos, edge_index))
     ✓ attention is correct: [16, 11], equal to se3tutor.EquivariantAttention within 1e-5
     """
     name = "attention"
     layer, f, pos, edge_index = _problem(as_device(device))
-    num_nodes, dim = len(pos), layer.irreps_output.dim
+    num_nodes, dim = len(pos), layer.irreps_out.dim
     got, expected = layer_outputs(
         attention, name, layer, f, pos, edge_index,
         "sum sqrt(alpha) * v over the edges of each centre with "
@@ -289,8 +289,8 @@ def check_attention(attention: Callable, device: Device = None) -> None:
         raise fail(name, measured, hint)
     problem = equivariance_problem(
         lambda f, p: attention(layer, f, p, edge_index),
-        layer.irreps_input,
-        layer.irreps_output,
+        layer.irreps_in,
+        layer.irreps_out,
         f,
         pos,
         permute=False,
@@ -299,7 +299,7 @@ def check_attention(attention: Callable, device: Device = None) -> None:
         name,
         f"{measured} Your output differs from se3tutor.EquivariantAttention's by up to "
         f"{largest_difference(got, expected):.3g} (largest entry {scale_of(expected):.3g}); "
-        f"{describe_blocks(block_errors(got - expected, layer.irreps_output))}. "
+        f"{describe_blocks(block_errors(got - expected, layer.irreps_out))}. "
         + (problem or "It is equivariant, so the geometry is right."),
         "the steps: edge vectors, embedded lengths (cutoff=True), harmonics, q = h_q(f), keys "
         "and values from tp_k/tp_v of f[edge_src] with fc_k/fc_v weights, logits = "

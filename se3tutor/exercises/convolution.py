@@ -58,7 +58,7 @@ def check_radial_embedding(radial_embedding: Callable, device: Device = None) ->
     Shapes: ``edge_length [num_edges]`` -> ``[num_edges, number_of_basis]``.
 
     >>> from se3tutor.radial import embed_edge_length
-    >>> check_radial_embedding(lambda r, r_max, b: embed_edge_length(r, r_max, b, cutoff=False))
+    >>> check_radial_embedding(lambda r, r_cut, b: embed_edge_length(r, r_cut, b, cutoff=False))
     ... # doctest: +ELLIPSIS
     ✓ radial_embedding is correct: [num_edges, number_of_basis], equal to the reference...
     """
@@ -168,7 +168,7 @@ def _problem(device: torch.device):
         layer = Convolution(
             "4x0e + 2x1o", "3x0e + 2x1o + 1x1e", "0e + 1o + 2e", 8, 1.6, num_neighbors
         )
-        f_in = layer.irreps_input.randn(len(pos), -1)
+        f_in = layer.irreps_in.randn(len(pos), -1)
     return layer.to(device), f_in.to(device), pos.to(device), edge_index.to(device)
 
 
@@ -183,23 +183,23 @@ def _variant(
         layer.irreps_sh, edge_vec, normalize=True, normalization=normalization
     )
     embedded = soft_one_hot_linspace(
-        edge_vec.norm(dim=1), 0.0, layer.max_radius, layer.num_basis, "smooth_finite", cutoff
+        edge_vec.norm(dim=1), 0.0, layer.max_radius, layer.number_of_basis, "smooth_finite", cutoff
     )
     sender = edge_src if gather == "src" else edge_dst
-    summand = layer.tp(f_in[sender], edge_sh, layer.fc(embedded * layer.num_basis**0.5))
+    summand = layer.tp(f_in[sender], edge_sh, layer.fc(embedded * layer.number_of_basis**0.5))
     f_out = scatter(summand, edge_dst, dim=0, dim_size=len(pos))
     return f_out / layer.num_neighbors**0.5
 
 
 def _check_convolution_like(function: Callable, name: str, device) -> None:
     layer, f_in, pos, edge_index = _problem(as_device(device))
-    num_nodes, dim = len(pos), layer.irreps_output.dim
+    num_nodes, dim = len(pos), layer.irreps_out.dim
     got, expected = layer_outputs(
         function, name, layer, f_in, pos, edge_index,
         "add the messages of each centre with "
         "scatter(summand, edge_dst, dim=0, dim_size=num_nodes).",
     )  # fmt: skip
-    irreps = layer.irreps_output
+    irreps = layer.irreps_out
     moments = {ir: float(m) for ir, m in second_moment_per_irrep(got, irreps).items()}
     reference_moments = {
         ir: float(m) for ir, m in second_moment_per_irrep(expected, irreps).items()
@@ -227,7 +227,7 @@ def _check_convolution_like(function: Callable, name: str, device) -> None:
             "dim_size=num_nodes) returns a new tensor (and index_add_, with the underscore, adds "
             "in place); a torch.zeros(...) that nothing is added to stays 0.",
         )
-    z, num_basis = layer.num_neighbors, layer.num_basis
+    z, number_of_basis = layer.num_neighbors, layer.number_of_basis
     args = (layer, f_in, pos, edge_index)
     hint = matching_mistake(
         got,
@@ -265,10 +265,10 @@ def _check_convolution_like(function: Callable, name: str, device) -> None:
         "the spherical harmonics are in e3nn's default normalization='integral', which is "
         "1/sqrt(4 pi) times 'component': pass normalization='component'": 1
         / math.sqrt(4 * math.pi),
-        "the embedding lacks the factor sqrt(B) = sqrt(num_basis), so its second moment is "
+        "the embedding lacks the factor sqrt(B) = sqrt(number_of_basis), so its second moment is "
         "1/B instead of 1 (the radial MLP, relu and no biases, passes the factor on)": 1
-        / math.sqrt(num_basis),
-        "the embedding is multiplied by B, not sqrt(B)": math.sqrt(num_basis),
+        / math.sqrt(number_of_basis),
+        "the embedding is multiplied by B, not sqrt(B)": math.sqrt(number_of_basis),
     }
     if factor is not None:
         causes = explain_factor(factor, slips)
@@ -290,7 +290,7 @@ def _check_convolution_like(function: Callable, name: str, device) -> None:
     difference = got - expected
     problem = equivariance_problem(
         lambda f, p: function(layer, f, p, edge_index),
-        layer.irreps_input,
+        layer.irreps_in,
         irreps,
         f_in,
         pos,
@@ -311,11 +311,11 @@ def check_convolution(convolution: Callable, device: Device = None) -> None:
     r"""Check ``convolution(layer, f_in, pos, edge_index)``, the forward pass of the Convolution
     chapter written with the submodules and constants of ``layer``, a
     :class:`se3tutor.Convolution` (``layer.tp``, ``layer.fc``, ``layer.irreps_sh``,
-    ``layer.max_radius``, ``layer.num_basis``, ``layer.num_neighbors``), against
+    ``layer.max_radius``, ``layer.number_of_basis``, ``layer.num_neighbors``), against
     ``layer(f_in, pos, edge_index)``.
 
-    Shapes: ``f_in [num_nodes, irreps_input.dim]``, ``pos [num_nodes, 3]``,
-    ``edge_index [2, num_edges]`` -> ``[num_nodes, irreps_output.dim]``.
+    Shapes: ``f_in [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``,
+    ``edge_index [2, num_edges]`` -> ``[num_nodes, irreps_out.dim]``.
 
     >>> check_convolution(lambda layer, f_in, pos, edge_index: layer(f_in, pos, edge_index))
     ... # doctest: +ELLIPSIS

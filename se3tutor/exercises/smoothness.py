@@ -181,7 +181,7 @@ def check_smooth_cutoff(cutoff: Callable, device: Device = None) -> None:
 
 
 def check_smooth_layer(make_layer: Callable, device: Device = None) -> None:
-    r"""Check ``make_layer(irreps_input, irreps_output, irreps_sh, num_basis, max_radius,
+    r"""Check ``make_layer(irreps_in, irreps_out, irreps_sh, number_of_basis, max_radius,
     num_neighbors)``, which returns a layer ``layer(f, pos, batch=...)`` (such as a
     :class:`se3tutor.Convolution`) that is smooth where a neighbour crosses the cutoff sphere.
 
@@ -201,10 +201,10 @@ def check_smooth_layer(make_layer: Callable, device: Device = None) -> None:
     """
     name = "smooth_layer"
     device = as_device(device)
-    irreps_input, irreps_output = o3.Irreps("4x0e + 2x1o + 1x2e"), o3.Irreps("4x0e + 2x1o")
+    irreps_in, irreps_out = o3.Irreps("4x0e + 2x1o + 1x2e"), o3.Irreps("4x0e + 2x1o")
     with seeded(7, _DTYPE):
-        layer = call(make_layer, name, irreps_input, irreps_output, "0e + 1o + 2e", 8, 1.3, 2.0)
-        f = irreps_input.randn(5, -1)
+        layer = call(make_layer, name, irreps_in, irreps_out, "0e + 1o + 2e", 8, 1.3, 2.0)
+        f = irreps_in.randn(5, -1)
     if not isinstance(layer, torch.nn.Module):
         raise fail(name, f"It returned a {type(layer).__name__}; return the layer (a Module).")
     layer = layer.to(device)
@@ -225,7 +225,7 @@ def check_smooth_layer(make_layer: Callable, device: Device = None) -> None:
     with default_dtype(_DTYPE), torch.no_grad():
         batch = torch.zeros(len(pos), dtype=torch.long, device=device)
         out = call(layer, name, f.clone(), pos.clone(), batch=batch)
-    check_tensor(name, out, (len(pos), irreps_output.dim), "output", pos)
+    check_tensor(name, out, (len(pos), irreps_out.dim), "output", pos)
     with default_dtype(_DTYPE):
         jumps = [
             call(largest_jumps, name, layer, f, pos, 4, direction, 1.0, 1.4, step)

@@ -37,10 +37,10 @@ Where the behaviour differs on purpose:
   attends to; here every head has one softmax over all its degrees (0.9.0: one per degree,
   and only degree 0 sees the global features), so they reach every degree;
 - ``num_conv_layers``: pre-norm residual convolutions (cutoff-weighted mean over the
-  neighbours plus a self-interaction, :class:`se3tutor.variants.ConvolutionBlock`);
+  neighbours plus a self-interaction, :class:`se3tutor.dense.variants.ConvolutionBlock`);
   0.9.0 applies a norm nonlinearity, then a convolution with self-interaction;
 - ``norm_gated_scale``: every norm's output is multiplied per channel by
-  ``1 + W |channel norms|`` (:class:`se3tutor.variants.GatedScaleLayerNorm`); 0.9.0's norm
+  ``1 + W |channel norms|`` (:class:`se3tutor.dense.variants.GatedScaleLayerNorm`); 0.9.0's norm
   is a nonlinearity of the norms whose scale becomes such a gate;
 - ``splits``: the default 4 computes in one piece (as before ``splits`` had an effect, so
   that default models give bitwise the same results); any other value computes the edges'
@@ -54,19 +54,23 @@ Where the behaviour differs on purpose:
   model: 2.14 instead of 2.33). Neither backward pass can itself be differentiated
   (``create_graph``, e.g. for training on forces);
 - ``rotary_position``, ``rotary_rel_dist``: rotary embeddings of ``j - i`` and of
-  ``100 r_ij`` (:class:`se3tutor.rotary.RotaryKeys`) rotate the ``0e`` channels of each
+  ``100 r_ij`` (:class:`se3tutor.dense.rotary.RotaryKeys`) rotate the ``0e`` channels of each
   edge's key by the relative position (as 0.9.0's rotation of query and key, whose logit
   depends on it alone), so they stay invariant; 0.9.0 rotates all degree-0 channels and the
   values too. Half the ``0e`` channels of a head per keyword: two keywords need
   ``dim_head >= 8``. Not with ``reversible`` yet;
-- ``use_egnn``: E(n)-GNN layers (:class:`se3tutor.egnn.EGNNLayer`) replace the attention
+- ``use_egnn``: E(n)-GNN layers (:class:`se3tutor.dense.egnn.EGNNLayer`) replace the attention
   blocks, and return the hidden degrees as 0.9.0 does; every irrep other than ``0e`` is
   updated as 0.9.0 updates its higher degrees, messages are weighted by the smooth cutoff,
-  and one :class:`~se3tutor.variants.ConvolutionBlock` before them plays 0.9.0's input
+  and one :class:`~se3tutor.dense.variants.ConvolutionBlock` before them plays 0.9.0's input
   convolution (the only source of degrees ``l > 0`` from type-0 inputs);
 - no Clebsch-Gordan basis cache: e3nn computes its constants when a module is built, so the
   environment variables ``CLEAR_CACHE`` and ``CACHE_PATH`` of that library are not needed and
   are ignored.
+
+(Over 400 lines, on purpose: the docstring above, which says keyword by keyword what maps to
+what and what differs, is a fifth of it; the code is the constructor, the forward, and the
+conversions between the dense batch and the graph.)
 """
 
 from __future__ import annotations
@@ -77,19 +81,17 @@ from typing import Optional, Union
 import torch
 from e3nn import o3
 
-from se3tutor.egnn import EGNNTransformer
-from se3tutor.neighbors import (  # noqa: F401 (fourier_encode: part of the 0.9.0 API)
+from se3tutor.dense.egnn import EGNNTransformer
+from se3tutor.dense.neighbors import (
     adjacency_degrees,
     edge_features,
-    fourier_encode,
-    select_neighbours,
+    select_neighbors,
 )
-from se3tutor.rotary import RotaryKeys
-from se3tutor.transformer import SE3Transformer as GraphSE3Transformer
-from se3tutor.transformer import node_layer_norm
-from se3tutor.variants import (
+from se3tutor.dense.rotary import RotaryKeys
+from se3tutor.dense.variants import (
     ChunkedEdges,
     ConvolutionBlock,
+    DenseEdges,
     GatedScaleLayerNorm,
     GlobalKeysValues,
     LinearKeys,
@@ -98,9 +100,12 @@ from se3tutor.variants import (
     ReversibleSE3Transformer,
     TiedKeysValues,
     attention_class,
+    global_tokens,
 )
+from se3tutor.transformer import SE3Transformer as GraphSE3Transformer
+from se3tutor.transformer import node_layer_norm
 
-__all__ = ["SE3Transformer", "fourier_encode"]
+__all__ = ["SE3Transformer"]
 
 # 0.9.0's rotary_rel_dist rotates by 100 r_ij: one unit of length is 100 sequence positions.
 ROTARY_DISTANCE_SCALE = 100.0
@@ -118,6 +123,77 @@ def _irreps_of_degrees(channels: dict[int, int], both_parities: bool) -> o3.Irre
     return o3.Irreps([(mul, ir) for mul, ir in irreps if mul > 0])
 
 
+# se3-transformer-pytorch's default number of edge chunks: with it, keys and values are
+# computed in one piece (bitwise as before `splits` had an effect); any other value chunks them.
+DEFAULT_SPLITS = 4
+
+
+def _check_keywords(
+    *, num_degrees, hidden_fiber_dict, num_edge_tokens, edge_dim, num_adj_degrees, causal,
+    attend_self, num_neighbors, attend_sparse_neighbors, reversible, global_feats_dim,
+    use_egnn, rotary, splits, num_conv_layers,
+) -> None:  # fmt: skip
+    """Refuse keywords that cannot work, alone or together, naming them."""
+    if num_degrees is None and hidden_fiber_dict is None:
+        raise ValueError("either num_degrees or hidden_fiber_dict must be given")
+    if num_edge_tokens is not None and edge_dim is None:
+        raise ValueError("edge tokens (num_edge_tokens) need edge_dim, their embedding size")
+    if num_adj_degrees is not None and num_adj_degrees < 1:
+        raise ValueError(f"num_adj_degrees must be >= 1, got {num_adj_degrees}")
+    if causal and not attend_self:
+        raise ValueError("causal needs attend_self=True (the first node has only itself)")
+    if not attend_sparse_neighbors and not num_neighbors > 0:
+        raise ValueError("num_neighbors must be > 0 unless attend_sparse_neighbors is set")
+    if reversible and global_feats_dim is not None:
+        raise ValueError("reversible and global_feats_dim exclude each other (as in 0.9.0)")
+    if use_egnn and (reversible or global_feats_dim is not None):
+        raise ValueError("use_egnn replaces the attention: no reversible, global_feats_dim")
+    if use_egnn and rotary:
+        raise ValueError("use_egnn replaces the attention, which the rotary embeddings act on")
+    if reversible and rotary:
+        raise NotImplementedError("reversible with rotary embeddings is not implemented yet")
+    if splits < 1 or num_conv_layers < 0:
+        raise ValueError(f"need splits >= 1, num_conv_layers >= 0; got {splits}, {num_conv_layers}")
+
+
+def _output_channels(hidden, out_fiber_dict, output_degrees, dim_out, reduce_dim_out) -> dict:
+    """``{degree: channels}`` of the output: ``out_fiber_dict``, else ``output_degrees``
+    degrees of ``dim_out`` channels, else (``None``) the hidden degrees; one channel each with
+    ``reduce_dim_out``."""
+    if out_fiber_dict is not None:
+        outputs = dict(out_fiber_dict)
+    elif output_degrees is not None:
+        outputs = {l: dim_out for l in range(output_degrees)}
+    else:
+        outputs = dict(hidden)
+    return {l: 1 for l in outputs} if reduce_dim_out else outputs
+
+
+def _attention(
+    *, linear_proj_keys, tie_key_values, one_headed_key_values, use_null_kv, global_feats_dim,
+    rotary_positions, splits,
+):  # fmt: skip
+    """The attention class these keywords ask for (a combination of the variants), with its
+    own arguments bound."""
+    chosen = {
+        LinearKeys: linear_proj_keys,
+        TiedKeysValues: tie_key_values,
+        OneHeadedKeysValues: one_headed_key_values,
+        NullKeyValue: use_null_kv,
+    }
+    variants, options = [variant for variant, used in chosen.items() if used], {}
+    if global_feats_dim is not None:
+        variants.append(GlobalKeysValues)
+        options["global_feats_dim"] = global_feats_dim
+    if rotary_positions:  # first: it rotates what the others compute
+        variants.insert(0, RotaryKeys)
+        options["rotary_positions"] = rotary_positions
+    if splits != DEFAULT_SPLITS:
+        variants.append(ChunkedEdges)
+        options["edge_chunks"] = splits
+    return functools.partial(attention_class(*variants), **options)
+
+
 class SE3Transformer(torch.nn.Module):
     """se3-transformer-pytorch 0.9.0's ``SE3Transformer``, computed by se3tutor's graph-level
     model (see the module docstring for what maps to what and what differs).
@@ -131,7 +207,7 @@ class SE3Transformer(torch.nn.Module):
     one_headed_key_values, use_null_kv, global_feats_dim, num_conv_layers, norm_gated_scale,
     splits, reversible, rotary_position, rotary_rel_dist, use_egnn, egnn_hidden_dim,
     egnn_weights_clamp_value, egnn_feedforward``, each by a variant of
-    :mod:`se3tutor.variants`, :mod:`se3tutor.rotary` or :mod:`se3tutor.egnn`.
+    :mod:`se3tutor.dense.variants`, :mod:`se3tutor.dense.rotary` or :mod:`se3tutor.dense.egnn`.
 
     >>> model = SE3Transformer(dim=8, heads=2, dim_head=4, depth=1, num_degrees=2,
     ...                        valid_radius=10)
@@ -169,7 +245,7 @@ class SE3Transformer(torch.nn.Module):
         dim_out: Optional[int] = None,
         norm_out: bool = False,
         causal: bool = False,
-        splits: int = 4,
+        splits: int = DEFAULT_SPLITS,
         reversible: bool = False,
         use_null_kv: bool = False,
         num_conv_layers: int = 0,
@@ -188,42 +264,25 @@ class SE3Transformer(torch.nn.Module):
         out_fiber_dict: Optional[dict] = None,
     ) -> None:
         super().__init__()
-        if num_degrees is None and hidden_fiber_dict is None:
-            raise ValueError("either num_degrees or hidden_fiber_dict must be given")
-        if num_edge_tokens is not None and edge_dim is None:
-            raise ValueError("edge tokens (num_edge_tokens) need edge_dim, their embedding size")
-        if num_adj_degrees is not None and num_adj_degrees < 1:
-            raise ValueError(f"num_adj_degrees must be >= 1, got {num_adj_degrees}")
-        if causal and not attend_self:
-            raise ValueError("causal needs attend_self=True (the first node has only itself)")
-        if not attend_sparse_neighbors and not num_neighbors > 0:
-            raise ValueError("num_neighbors must be > 0 unless attend_sparse_neighbors is set")
-        if reversible and global_feats_dim is not None:
-            raise ValueError("reversible and global_feats_dim exclude each other (as in 0.9.0)")
-        if use_egnn and (reversible or global_feats_dim is not None):
-            raise ValueError("use_egnn replaces the attention: no reversible, global_feats_dim")
-        if (reversible or use_egnn) and (rotary_position or rotary_rel_dist):
-            raise NotImplementedError("reversible with rotary embeddings is not implemented yet")
-        if splits < 1 or num_conv_layers < 0:
-            raise ValueError(
-                f"need splits >= 1, num_conv_layers >= 0; got {splits}, {num_conv_layers}"
-            )
-
-        output_degrees = None if use_egnn else output_degrees  # 0.9.0: the hidden degrees
+        _check_keywords(
+            num_degrees=num_degrees, hidden_fiber_dict=hidden_fiber_dict,
+            num_edge_tokens=num_edge_tokens, edge_dim=edge_dim, num_adj_degrees=num_adj_degrees,
+            causal=causal, attend_self=attend_self, num_neighbors=num_neighbors,
+            attend_sparse_neighbors=attend_sparse_neighbors, reversible=reversible,
+            global_feats_dim=global_feats_dim, use_egnn=use_egnn,
+            rotary=rotary_position or rotary_rel_dist, splits=splits,
+            num_conv_layers=num_conv_layers,
+        )  # fmt: skip
         dims_in = dim_in if isinstance(dim_in, tuple) else (dim_in or dim,) * input_degrees
         self.dims_in = dims_in
         self.dim = dim
         hidden = hidden_fiber_dict or {l: dim for l in range(num_degrees)}
         self.num_degrees = max(hidden) + 1
-        if out_fiber_dict is not None:
-            outputs = dict(out_fiber_dict)
-        elif output_degrees is not None:
-            outputs = {l: dim_out or dim for l in range(output_degrees)}
-        else:
-            outputs = dict(hidden)
-        if reduce_dim_out:
-            outputs = {l: 1 for l in outputs}
-        self.output_channels = outputs
+        if use_egnn:
+            output_degrees = None  # 0.9.0 returns the hidden degrees
+        outputs = _output_channels(
+            hidden, out_fiber_dict, output_degrees, dim_out or dim, reduce_dim_out
+        )
         self.output_degrees = max(outputs) + 1
         self.reduce_dim_out = reduce_dim_out
 
@@ -233,10 +292,9 @@ class SE3Transformer(torch.nn.Module):
         self.max_sparse_neighbors = max_sparse_neighbors
         self.num_adj_degrees = num_adj_degrees
         self.causal = causal
-        self.differentiable_coors = differentiable_coors
-        self.splits = splits
-        self.fourier_encode_dist = fourier_encode_dist
-        self.rel_dist_num_fourier_features = rel_dist_num_fourier_features
+        self.fourier_features = rel_dist_num_fourier_features if fourier_encode_dist else 0
+        self.rotary = {"position": rotary_position, "distance": rotary_rel_dist}
+        self.global_feats_dim = global_feats_dim
 
         self.token_emb = torch.nn.Embedding(num_tokens, dim) if num_tokens else None
         self.pos_emb = torch.nn.Embedding(num_positions, dim) if num_positions else None
@@ -245,7 +303,7 @@ class SE3Transformer(torch.nn.Module):
         self.edge_dim = edge_dim or 0
         use_adj = num_adj_degrees is not None and adj_dim > 0
         self.adj_emb = torch.nn.Embedding(num_adj_degrees + 1, adj_dim) if use_adj else None
-        distance_dim = 2 * rel_dist_num_fourier_features + 1 if fourier_encode_dist else 1
+        distance_dim = 2 * self.fourier_features + 1 if fourier_encode_dist else 1
         edge_attr_dim = distance_dim + self.edge_dim + (adj_dim if use_adj else 0)
 
         self.irreps_in = _irreps_of_degrees(dict(enumerate(dims_in)), both_parities=False)
@@ -256,26 +314,12 @@ class SE3Transformer(torch.nn.Module):
             [(mul, (ir.l, -ir.p)) for mul, ir in self.irreps_degrees]
         )
         norm = GatedScaleLayerNorm if norm_gated_scale else node_layer_norm
-        # The attention: the variants these keywords ask for, and their own arguments.
-        chosen = {
-            LinearKeys: linear_proj_keys,
-            TiedKeysValues: tie_key_values,
-            OneHeadedKeysValues: one_headed_key_values,
-            NullKeyValue: use_null_kv,
-        }
-        variants, options = [variant for variant, used in chosen.items() if used], {}
-        if global_feats_dim is not None:
-            variants.append(GlobalKeysValues)
-            options["global_feats_dim"] = global_feats_dim
-        self.rotary = {"position": rotary_position, "distance": rotary_rel_dist}
-        if rotary_position or rotary_rel_dist:  # first: it rotates what the others compute
-            variants.insert(0, RotaryKeys)
-            options["rotary_positions"] = rotary_position + rotary_rel_dist
-        if splits != 4:  # the default computes in one piece, bitwise as before splits existed
-            variants.append(ChunkedEdges)
-            options["edge_chunks"] = splits
-        attention = functools.partial(attention_class(*variants), **options)
-        self.global_feats_dim = global_feats_dim
+        attention = _attention(
+            linear_proj_keys=linear_proj_keys, tie_key_values=tie_key_values,
+            one_headed_key_values=one_headed_key_values, use_null_kv=use_null_kv,
+            global_feats_dim=global_feats_dim, rotary_positions=rotary_position + rotary_rel_dist,
+            splits=splits,
+        )  # fmt: skip
         model_class = ReversibleSE3Transformer if reversible else GraphSE3Transformer
         if use_egnn:
             model_class = functools.partial(
@@ -342,7 +386,7 @@ class SE3Transformer(torch.nn.Module):
         self._check_edges(edges)
         if neighbor_mask is not None and neighbor_mask.shape != (b, n, n):
             raise ValueError(f"neighbor_mask must be [b, n, n], got {tuple(neighbor_mask.shape)}")
-        edge_index, graph, i, j = select_neighbours(
+        edge_index, graph, i, j = select_neighbors(
             pos, batch, mask.reshape(-1), n, valid_radius=self.valid_radius,
             num_neighbors=self.num_neighbors, adjacency=adjacency,
             attend_sparse_neighbors=self.attend_sparse_neighbors,
@@ -352,18 +396,18 @@ class SE3Transformer(torch.nn.Module):
         edge_attr = edge_features(
             pos, edge_index, (graph, i, j), edges=edges, edge_emb=self.edge_emb,
             adjacency=adjacency, adj_emb=self.adj_emb,
-            fourier_features=self.rel_dist_num_fourier_features if self.fourier_encode_dist else 0,
+            fourier_features=self.fourier_features,
         )  # fmt: skip
 
-        out = self.net(
-            f,
-            pos,
-            batch=batch,
-            edge_index=edge_index,
-            edge_attr=edge_attr,
-            global_feats=global_feats,
+        self.net.check_inputs(f, pos, batch, edge_index, edge_attr)
+        edges = DenseEdges(
+            *self.net.edges(pos, batch, edge_index, edge_attr),
             edge_rotary=self._edge_rotary(pos, edge_index, i, j),
+            global_tokens=None
+            if global_feats is None
+            else global_tokens(global_feats, batch, len(f)),
         )
+        out = self.net.propagate(f, edges)
         # Each degree's two parities added: [b * n, irreps_degrees.dim]
         natural, other = out.split(self.irreps_degrees.dim, dim=1)
         out = natural + other

@@ -23,7 +23,6 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
-from se3tutor.checkpoint import load_latest_checkpoint, save_checkpoint
 from se3tutor.checks import default_dtype
 from se3tutor.data import collate, emt_clusters
 from se3tutor.potential import EnergyModel, train_energy_model
@@ -36,6 +35,7 @@ from se3tutor.train import (
     plot_log,
     read_log,
 )
+from se3tutor.train.checkpoint import load_latest_checkpoint, save_checkpoint
 
 TINY = ["--data", "emt", "--shells", "2", "--irreps-hidden", "8x0e + 4x1o", "--num-layers", "1"]
 TINY += ["--dtype", "float64", "--threads", "1", "--no-progress"]
@@ -71,6 +71,7 @@ def test_the_command_line_explains_itself(capsys):
     assert "--checkpoint-every" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one(tmp_path):
     # 5 training clusters of 13 and 55 atoms in global batches of 4, then 1: the processes
     # hold different numbers of atoms, and in the second step process 1 holds none.
@@ -107,6 +108,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
     assert difference < 1e-12
 
 
+@pytest.mark.slow
 def test_a_run_killed_and_resumed_ends_with_exactly_the_parameters_of_an_uninterrupted_one(
     tmp_path,
 ):
@@ -190,6 +192,7 @@ def labelled(positions, forces=None):
 GOOD = [[0, 0, 0], [2.5, 0, 0]]
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize(
     "file, bad, message",
     [
@@ -257,6 +260,7 @@ def test_without_tqdm_training_runs_and_says_there_is_no_progress_bar(tmp_path, 
     assert len(records(tmp_path, "epoch")) == 1
 
 
+@pytest.mark.slow
 def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monkeypatch):
     monkeypatch.setenv("SE3TUTOR_BACKEND", "torch")
     with default_dtype(torch.float64):

@@ -14,8 +14,8 @@ behaviours, which :class:`se3tutor.transformer.SE3Transformer` takes as ``attent
 - :class:`ChunkedEdges`: the edges' keys and values computed in chunks, each recomputed in
   the backward pass, for a lower peak memory.
 
-More attention variants: :class:`se3tutor.rotary.RotaryKeys` (rotary embeddings); another
-trunk: :class:`se3tutor.egnn.EGNNTransformer` (E(n)-GNN layers).
+More attention variants: :class:`se3tutor.dense.rotary.RotaryKeys` (rotary embeddings); another
+trunk: :class:`se3tutor.dense.egnn.EGNNTransformer` (E(n)-GNN layers).
 
 Other blocks: :class:`GatedScaleLayerNorm` (norm whose gains depend on the node's norms),
 :class:`ConvolutionBlock` (a convolution layer, for a stem before the attention blocks) and
@@ -28,6 +28,9 @@ equivariant.
 
 from __future__ import annotations
 
+import collections
+from typing import NamedTuple, Optional
+
 import torch
 import torch.utils.checkpoint
 from e3nn import o3
@@ -38,7 +41,7 @@ from se3tutor.multihead import (
     KeysValues,
     MultiHeadAttention,
 )
-from se3tutor.norm import EquivariantLayerNorm
+from se3tutor.norm import EquivariantLayerNorm, channel_index
 from se3tutor.radial import radial_mlp
 from se3tutor.tensor_product import DepthwiseTensorProduct
 from se3tutor.transformer import SE3Transformer, node_layer_norm
@@ -46,15 +49,45 @@ from se3tutor.transformer import SE3Transformer, node_layer_norm
 __all__ = [
     "ChunkedEdges",
     "ConvolutionBlock",
+    "DenseEdges",
     "GatedScaleLayerNorm",
     "GlobalKeysValues",
+    "GlobalTokens",
     "LinearKeys",
     "NullKeyValue",
     "OneHeadedKeysValues",
     "ReversibleSE3Transformer",
     "TiedKeysValues",
     "attention_class",
+    "global_tokens",
 ]
+
+
+class GlobalTokens(NamedTuple):
+    """Invariant features of each graph as a whole (``m`` tokens per graph), and which node
+    sees which token: every node sees all tokens of its own graph."""
+
+    feats: torch.Tensor  # [num_graphs * m, global_feats_dim], graph g's tokens in rows g*m..
+    token: torch.Tensor  # [num_nodes * m] row of feats ...
+    node: torch.Tensor  # [num_nodes * m] ... that this node sees
+
+
+def global_tokens(global_feats: torch.Tensor, batch: Optional[torch.Tensor], num_nodes: int):
+    """Every node sees the ``m`` tokens of its graph: ``global_feats [num_graphs, m, dim]``."""
+    num_graphs, m, _ = global_feats.shape
+    if batch is None:
+        batch = torch.zeros(num_nodes, dtype=torch.long, device=global_feats.device)
+    tokens = batch[:, None] * m + torch.arange(m, device=batch.device)  # [num_nodes, m]
+    nodes = torch.arange(num_nodes, device=batch.device).repeat_interleave(m)
+    return GlobalTokens(global_feats.reshape(num_graphs * m, -1), tokens.reshape(-1), nodes)
+
+
+# The core's EdgeGeometry (same fields, same order, so every core layer reads it) and what
+# only the front end's variants read: edge_rotary [num_edges, k], the relative positions of
+# se3tutor.dense.rotary.RotaryKeys, and global_tokens (a GlobalTokens) of GlobalKeysValues.
+DenseEdges = collections.namedtuple(
+    "DenseEdges", EdgeGeometry._fields + ("edge_rotary", "global_tokens"), defaults=(None, None)
+)
 
 
 def attention_class(*variants: type) -> type:
@@ -62,7 +95,7 @@ def attention_class(*variants: type) -> type:
     :class:`~se3tutor.transformer.MultiHeadAttention`); none gives the plain one.
 
     >>> attention_class(NullKeyValue, LinearKeys).__mro__[1:3]
-    (<class 'se3tutor.variants.NullKeyValue'>, <class 'se3tutor.variants.LinearKeys'>)
+    (<class 'se3tutor.dense.variants.NullKeyValue'>, <class 'se3tutor.dense.variants.LinearKeys'>)
     """
     if not variants:
         return MultiHeadAttention
@@ -142,9 +175,8 @@ class GlobalKeysValues(MultiHeadAttention):
     r"""Every node also attends to the global features of its graph (invariant, ``m`` tokens
     of ``global_feats_dim`` scalars per graph), with keys :math:`W_K^{g} g_t` and values
     :math:`W_V^{g} g_t` and weight 1. Maps from scalars ``0e`` produce only ``0e`` outputs, so
-    these keys and values are invariant. ``global_feats`` are given to the model's forward."""
-
-    attends_to_global_tokens = True
+    these keys and values are invariant. The tokens come with the edges
+    (:class:`DenseEdges`, ``global_tokens``)."""
 
     def __init__(self, *args, global_feats_dim: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -177,7 +209,7 @@ class ChunkedEdges(MultiHeadAttention):
     def edge_keys_values(self, f: torch.Tensor, edges: EdgeGeometry):
         n = self.edge_chunks  # the per-edge tensors in chunks; the rest (None, tokens) as they are
         pieces = zip(*(t.tensor_split(n) if torch.is_tensor(t) else [t] * n for t in edges))
-        keys, values = zip(*(self._chunk(f, EdgeGeometry(*piece)) for piece in pieces))
+        keys, values = zip(*(self._chunk(f, type(edges)(*piece)) for piece in pieces))
         return torch.cat(keys), torch.cat(values)
 
     def _chunk(self, f: torch.Tensor, edges: EdgeGeometry):
@@ -209,9 +241,7 @@ class GatedScaleLayerNorm(EquivariantLayerNorm):
         gate = torch.empty(num_channels, num_channels).uniform_(-self.GATE_INIT, self.GATE_INIT)
         self.gate = torch.nn.Parameter(gate)
         # channel_of[c]: the channel (copy of an irrep) that component c belongs to.
-        dims = torch.tensor([ir.dim for mul, ir in self.irreps for _ in range(mul)])
-        channel_of = torch.arange(num_channels).repeat_interleave(dims)
-        self.register_buffer("channel_of", channel_of, persistent=False)
+        self.register_buffer("channel_of", channel_index(self.irreps), persistent=False)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         y = super().forward(f)
@@ -338,10 +368,6 @@ class ReversibleSE3Transformer(SE3Transformer):
     """
 
     def trunk(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
-        if edges.global_tokens is not None:
-            raise ValueError("reversible blocks do not take global features (as in 0.9.0)")
-        if edges.edge_rotary is not None:
-            raise ValueError("reversible blocks do not take rotary embeddings yet")
         params = list(self.blocks.parameters())
         x1, x2 = _ReversibleBlocks.apply(self.blocks, edges[:2], f, f, *edges[2:5], *params)
         return (x1 + x2) / 2

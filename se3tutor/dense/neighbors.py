@@ -8,7 +8,7 @@ library's neighbour rules into an ``edge_index`` (row 0 the neighbour ``j``, row
 
 - :func:`adjacency_degrees`: from bonds ``adj_mat`` to the number of bonds on the shortest
   path, up to ``num_adj_degrees`` (0: not connected);
-- :func:`select_neighbours`: the adjacent nodes (all, or the ``max_sparse_neighbors``
+- :func:`select_neighbors`: the adjacent nodes (all, or the ``max_sparse_neighbors``
   nearest), then the ``num_neighbors`` nearest others within ``valid_radius``, leaving out
   masked nodes, pairs masked by ``neighbor_mask`` and, for ``causal``, later nodes;
 - :func:`edge_features`: distance (or its :func:`fourier_encode`), edge tokens or values,
@@ -29,7 +29,7 @@ import torch
 
 from se3tutor.graph import _keep_nearest, radius_graph
 
-__all__ = ["adjacency_degrees", "edge_features", "fourier_encode", "select_neighbours"]
+__all__ = ["adjacency_degrees", "edge_features", "fourier_encode", "select_neighbors"]
 
 
 def adjacency_degrees(adj_mat: torch.Tensor, num_adj_degrees: int = 1) -> torch.Tensor:
@@ -53,7 +53,7 @@ def adjacency_degrees(adj_mat: torch.Tensor, num_adj_degrees: int = 1) -> torch.
     return degree.masked_fill(torch.eye(n, dtype=torch.bool, device=adj_mat.device), 0)
 
 
-def select_neighbours(
+def select_neighbors(
     pos: torch.Tensor,
     batch: torch.Tensor,
     valid: torch.Tensor,
@@ -148,7 +148,7 @@ def edge_features(
     continuous values ``edges``, and the embedding of its adjacency degree.
 
     Shapes: ``pos [b * n, 3]``, ``edge_index [2, num_edges]``, ``pair`` the ``(g, i, j)`` of
-    each edge (:func:`select_neighbours`), ``edges [b, n, n]`` tokens or ``[b, n, n,
+    each edge (:func:`select_neighbors`), ``edges [b, n, n]`` tokens or ``[b, n, n,
     edge_dim]`` values, ``adjacency [b, n, n]`` -> ``[num_edges, edge_attr_dim]``.
     """
     distance = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1, keepdim=True)

@@ -13,7 +13,7 @@ edge, and leaves the queries alone. The rotations mix channels of one irrep with
 angles; applied to the ``0e`` channels they keep the attention equivariant.
 
 The relative positions come with the edges (``edge_rotary`` of
-:class:`se3tutor.SE3Transformer`'s forward): se3-transformer-pytorch's ``rotary_position``
+:class:`se3tutor.dense.variants.DenseEdges`): se3-transformer-pytorch's ``rotary_position``
 uses :math:`j - i` (order in the sequence), ``rotary_rel_dist`` uses :math:`100\, r_{ij}`
 (see :mod:`se3tutor.dense`).
 """
@@ -49,7 +49,8 @@ class RotaryKeys(MultiHeadAttention):
     Keys that are not edges (a node's own key, null and global keys) have relative position
     0: no rotation. Values are not rotated.
 
-    Shapes: ``edges.edge_rotary [num_edges, rotary_positions]``.
+    Shapes: ``edges.edge_rotary [num_edges, rotary_positions]`` (the edges are
+    :class:`se3tutor.dense.variants.DenseEdges`).
     """
 
     def __init__(self, *args, rotary_positions: int = 1, **kwargs) -> None:

@@ -24,6 +24,7 @@ one:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,9 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def shard(global_batch: torch.Tensor, processes: Processes) -> torch.Tensor:
-    """This process's part of a global batch of indices: every ``world_size``-th one from
-    ``rank``. (Strided rather than contiguous: a sorted data set still spreads evenly.)
+def shard(global_batch: Sequence, processes: Processes) -> Sequence:
+    """This process's part of a global batch (structures, indices): every ``world_size``-th
+    one from ``rank``. (Strided rather than contiguous: a sorted data set still spreads evenly.)
 
     >>> shard(torch.arange(7), Processes(1, 3, torch.device("cpu"))).tolist()
     [1, 4]

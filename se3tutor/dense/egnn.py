@@ -29,6 +29,7 @@ from e3nn import o3
 
 from se3tutor.graph import scatter
 from se3tutor.multihead import EdgeGeometry
+from se3tutor.norm import channel_index
 from se3tutor.transformer import FeedForward, SE3Transformer, node_layer_norm
 
 __all__ = ["EGNNLayer", "EGNNTransformer"]
@@ -78,10 +79,7 @@ class EGNNLayer(torch.nn.Module):
         self.register_buffer("scalars", is_scalar.nonzero()[:, 0], persistent=False)
         self.register_buffer("others", (~is_scalar).nonzero()[:, 0], persistent=False)
         # channel_of[c]: the channel of the non-0e component c.
-        dims = torch.tensor([ir.dim for mul, ir in others for _ in range(mul)], dtype=torch.long)
-        self.register_buffer(
-            "channel_of", torch.arange(num_channels).repeat_interleave(dims), persistent=False
-        )
+        self.register_buffer("channel_of", channel_index(others), persistent=False)
         edge_in = 2 * num_scalars + num_channels + number_of_edge_scalars
         self.edge_mlp = _mlp(edge_in, 2 * edge_in, hidden_dim, final_silu=True)  # phi_e
         self.weight_mlp = _mlp(hidden_dim, 4 * hidden_dim, num_channels, final_silu=False)
@@ -154,8 +152,6 @@ class EGNNTransformer(SE3Transformer):
         )
 
     def trunk(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
-        if edges.global_tokens is not None or edges.edge_rotary is not None:
-            raise ValueError("EGNN layers take neither global features nor rotary embeddings")
         for i, layer in enumerate(self.layers):
             f = layer(f, edges)
             if self.feed_forwards:

@@ -1,4 +1,4 @@
-r"""Train an interatomic potential from the command line, in one process or several
+r"""The training loop of ``python -m se3tutor.train``, in one process or several
 (book: Learning an interatomic potential).
 
 .. code-block:: bash
@@ -19,13 +19,14 @@ Adam with a cosine decay); around them this module adds what a longer run needs:
 - **a log**, ``OUT/log.jsonl``, one JSON record a line (``"event"``: ``start``, ``step`` every
   ``--log-every`` steps, ``epoch``, ``checkpoint``, ``resume``, ``end``), which
   :func:`plot_log` draws; a progress bar with the loss and the structures per second
-  (:mod:`se3tutor.runlog`);
-- **checkpoints** every ``--checkpoint-every`` steps and at the end (:mod:`se3tutor.checkpoint`):
-  a run that is killed and started again with the same command continues where its last
-  checkpoint was, and ends with the parameters that an uninterrupted run ends with, to the bit
-  (on a CPU with one thread);
-- **several processes** under ``torchrun`` (:mod:`se3tutor.distributed`): each takes a shard of
-  every global batch of ``--batch-size`` structures, and the steps are those of one process;
+  (:mod:`se3tutor.train.runlog`);
+- **checkpoints** every ``--checkpoint-every`` steps and at the end
+  (:mod:`se3tutor.train.checkpoint`): a run that is killed and started again with the same
+  command continues where its last checkpoint was, and ends with the parameters that an
+  uninterrupted run ends with, to the bit (on a CPU with one thread);
+- **several processes** under ``torchrun`` (:mod:`se3tutor.train.distributed`): each takes a
+  shard of every global batch of ``--batch-size`` structures, and the steps are those of one
+  process;
 - the trained model, ``OUT/model.pt``, which :func:`load_model` reads back.
 
 On several machines, start the same command on each, with the rendezvous on one of them
@@ -39,11 +40,13 @@ checkpoint it resumes from):
 
 From Python, :func:`fit` takes a :class:`TrainConfig` (and optionally a list of structures)
 and returns the trained model; :func:`main` is the command line.
+
+(Over 400 lines, on purpose: one run from start to end, read top to bottom, as nanoGPT's
+``train.py``; the options, checkpoints, log and processes are in the sibling modules.)
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import math
@@ -51,22 +54,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from e3nn import o3
 
-from se3tutor import distributed
-from se3tutor.checkpoint import (
-    load_latest_checkpoint,
-    random_states,
-    read_checkpoint,
-    save_checkpoint,
-    set_random_states,
-    write_atomically,
-)
 from se3tutor.checks import default_dtype
 from se3tutor.data import check_structures, collate, emt_clusters
 from se3tutor.potential import (
@@ -74,63 +67,29 @@ from se3tutor.potential import (
     adam_with_cosine_decay,
     energy_force_loss,
     fit_reference_energies,
+    predicted_batches,
+    steps_per_epoch,
 )
-from se3tutor.runlog import RunLog, console, epoch_summary, plot_log, progress_bar, read_log
+from se3tutor.train import distributed
+from se3tutor.train.checkpoint import (
+    load_latest_checkpoint,
+    random_states,
+    read_checkpoint,
+    save_checkpoint,
+    set_random_states,
+    write_atomically,
+)
+from se3tutor.train.config import (
+    DTYPES,
+    HOW_NOT_WHAT,
+    SetupError,
+    TrainConfig,
+    check_config,
+    config_from_args,
+)
+from se3tutor.train.runlog import RunLog, console, epoch_summary, progress_bar
 
-__all__ = [
-    "SetupError",
-    "TrainConfig",
-    "compile_for_inference",
-    "evaluate",
-    "fit",
-    "load_model",
-    "main",
-    "plot_log",
-    "read_log",
-]
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run depends on. The defaults are the model and training of the book
-    chapter, with 200 clusters to train on and 50 to validate on."""
-
-    data: str = "emt"  # "emt", or a file of ase Atoms with energies and forces
-    num_structures: int = 250  # emt: how many clusters
-    shells: tuple = (2, 3)  # emt: icosahedra of 2 shells (13 atoms) and 3 shells (55 atoms)
-    seed: int = 0  # the emt data, the split, the initial parameters and the batch order
-    validation_fraction: float = 0.2  # of the structures, held out
-    irreps_hidden: str = "16x0e"
-    num_layers: int = 1
-    num_heads: int = 2
-    max_radius: float = 4.5  # Å
-    epochs: int = 20
-    batch_size: int = 16  # structures per step, over all processes
-    lr: float = 2e-2  # decays to 0 along a cosine
-    force_weight: float = 0.1  # lambda of se3tutor.potential.energy_force_loss
-    dtype: str = "float32"  # or "float64"
-    device: str = "auto"  # "cpu", "cuda", or "auto": CUDA if there is a GPU
-    amp: bool = False  # CUDA: forward and loss under bfloat16 autocast
-    compile: bool = False  # torch.compile the model for validation (see compile_for_inference)
-    threads: Optional[int] = None  # torch.set_num_threads; None: torch's choice
-    out: str = "runs/potential"  # log, checkpoints and model
-    log_every: int = 10  # steps between "step" records
-    checkpoint_every: int = 100  # steps between checkpoints
-    resume: bool = True  # continue from the last checkpoint in out, if there is one
-    progress: bool = True  # show a progress bar
-
-
-# Options that change how a run is carried out, not what it computes: a run may resume with
-# other values of these (another device, more threads, another log interval).
-_HOW_NOT_WHAT = {"device", "compile", "threads", "out", "log_every", "checkpoint_every"}
-_HOW_NOT_WHAT |= {"resume", "progress"}
-
-
-class SetupError(ValueError):
-    """The data or the configuration cannot be trained on; raised before training starts."""
-
+__all__ = ["compile_for_inference", "evaluate", "fit", "load_model", "main"]
 
 # ---------------------------------------------------------------------------- data and model
 
@@ -217,31 +176,44 @@ def compile_for_inference(model: EnergyModel) -> EnergyModel:
 # ---------------------------------------------------------------------------- one step, one epoch
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
+@dataclass(frozen=True)
+class _Session:
+    """What every step of a run reads, besides the run's own state (:class:`_Run`)."""
+
+    config: TrainConfig
+    processes: distributed.Processes
+    species: list  # atomic numbers the model knows
+    trained: torch.nn.Module  # the model, wrapped in DistributedDataParallel for several
+    log: RunLog
+    bar: object  # the progress bar (se3tutor.train.runlog.progress_bar)
+
+    def as_batch(self, structures: Sequence) -> dict:
+        """``structures`` collated onto this process's device, in the run's dtype."""
+        dtype = DTYPES[self.config.dtype]
+        return collate(structures, self.species, dtype, self.processes.device)
 
 
-def _train_step(model, optimizer, schedule, structures, as_batch, config, processes):
+def _train_step(run: _Run, session: _Session, structures: Sequence) -> torch.Tensor:
     """One optimiser step on a global batch of ``structures`` (every process passes all of
-    them and takes its shard; ``as_batch`` collates a list of them onto the device). Returns
-    ``[loss, energy term, force term]`` of the global batch.
+    them and takes its shard). Returns ``[loss, energy term, force term]`` of the global batch.
     """
     counts = dict(num_graphs=len(structures), num_atoms=sum(len(atoms) for atoms in structures))
-    mine = structures[processes.rank :: processes.world_size]
+    processes = session.processes
+    mine = distributed.shard(structures, processes)
     # DDP averages the gradients over the processes; each backpropagates world_size times its
-    # part of the loss, so that the average is the gradient of the sum (se3tutor.distributed).
+    # part of the loss, so that the average is the gradient of the sum (se3tutor.train.distributed).
     weight = processes.world_size
     if not mine:  # a last batch with fewer structures than processes: a stand-in of weight 0,
         mine, weight = structures[:1], 0  # since every process must take part in the step
-    data = as_batch(mine)
+    config = session.config
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
         loss, energy_term, force_term = energy_force_loss(
-            model, data, config.force_weight, **counts
+            session.trained, session.as_batch(mine), config.force_weight, **counts
         )
-    optimizer.zero_grad()
+    run.optimizer.zero_grad()
     (loss * weight).backward()
-    optimizer.step()
-    schedule.step()
+    run.optimizer.step()
+    run.schedule.step()
     terms = torch.stack([loss, energy_term, force_term]).detach()
     return distributed.all_sum(terms if weight else torch.zeros_like(terms))
 
@@ -259,16 +231,12 @@ def evaluate(model: EnergyModel, structures: Sequence, batch_size: int = 16, pro
     parameter = next(model.parameters())
     processes = processes or distributed.Processes(0, 1, parameter.device)
     was_training = model.training
-    model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=parameter.device)  # |dE|/N, |dF|, dF^2
-    mine = structures[processes.rank :: processes.world_size]
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start : start + batch_size]
-        data = _to_device(collate(batch, model.species, parameter.dtype), parameter.device)
-        energy, forces = model(data["pos"], data["species_index"], data["batch"], len(batch))
-        atoms_per_graph = torch.bincount(data["batch"], minlength=len(batch))
-        energy_error = ((energy - data["energy"]) / atoms_per_graph).detach().double()
-        force_error = (forces - data["forces"]).detach().double()
+    mine = distributed.shard(structures, processes)
+    for data, energy, forces in predicted_batches(model, mine, batch_size):
+        atoms_per_graph = torch.bincount(data["batch"], minlength=len(energy))
+        energy_error = ((energy - data["energy"]) / atoms_per_graph).double()
+        force_error = (forces - data["forces"]).double()
         sums += torch.stack(
             [energy_error.abs().sum(), force_error.abs().sum(), force_error.pow(2).sum()]
         )
@@ -326,40 +294,6 @@ class _Run:
         set_random_states(state["random"])
 
 
-def _check_config(config: TrainConfig) -> None:
-    for name in ("num_structures", "epochs", "batch_size", "log_every", "checkpoint_every"):
-        if getattr(config, name) < 1:
-            raise SetupError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("num_layers", "num_heads"):
-        if getattr(config, name) < 1:
-            raise SetupError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_radius", "lr"):
-        if not getattr(config, name) > 0:
-            raise SetupError(f"{name} must be > 0, got {getattr(config, name)}")
-    if not config.force_weight >= 0:
-        raise SetupError(f"force_weight must be >= 0, got {config.force_weight}")
-    if not 0 <= config.validation_fraction < 1:
-        raise SetupError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
-    if config.threads is not None and config.threads < 1:
-        raise SetupError(f"threads must be >= 1, got {config.threads}")
-    try:
-        irreps = o3.Irreps(config.irreps_hidden)
-    except (ValueError, AssertionError) as error:  # e3nn raises either, for a bad string
-        message = f"irreps_hidden {config.irreps_hidden!r} are not irreps ({error})"
-        raise SetupError(message) from None
-    if o3.Irrep("0e") not in [ir for _, ir in irreps]:
-        raise SetupError(f"irreps_hidden {config.irreps_hidden!r} need 0e (the energies are 0e)")
-    if config.dtype not in DTYPES:
-        raise SetupError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise SetupError(f'device must be "auto", "cpu" or "cuda", got {config.device!r}')
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise SetupError("device cuda asked for, but torch sees no GPU")
-    uses_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if config.amp and not (uses_cuda and config.dtype == "float32"):
-        raise SetupError("amp (bfloat16 autocast) needs CUDA and dtype float32")
-
-
 def _checkpoint_to_resume(config: TrainConfig, out: Path, processes) -> Optional[tuple]:
     """``(state, path)`` of the checkpoint to resume from, or ``None`` to start afresh. The
     main process chooses, and the others read the file it chose: each choosing for itself,
@@ -374,7 +308,7 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path, processes) -> Optional
         found = read_checkpoint(out / chosen), out / chosen
     if found is not None:
         saved, now = found[0]["config"], asdict(config)
-        changed = [key for key in now if key not in _HOW_NOT_WHAT and saved[key] != now[key]]
+        changed = [key for key in now if key not in HOW_NOT_WHAT and saved[key] != now[key]]
         if changed:
             raise SetupError(
                 f"{found[1]} was written by a run with other {', '.join(changed)}: "
@@ -387,7 +321,7 @@ def fit(config: TrainConfig, structures: Optional[Sequence] = None) -> EnergyMod
     """Train as ``config`` says, on ``structures`` (a list of ase ``Atoms``; default: those of
     ``config.data``). Returns the trained model, in eval mode, on every process. Raises
     :class:`SetupError` before training for bad data or options."""
-    _check_config(config)
+    check_config(config)
     if structures is None:
         structures = load_structures(config)
     else:
@@ -411,7 +345,7 @@ def _lock(out: Path):
     """Hold an exclusive lock on ``out/.lock`` (released when the returned file is closed, or
     the process ends): two runs writing into one directory would cut each other's log and
     delete each other's files."""
-    file = open(out / ".lock", "a")  # noqa: SIM115 (held open for the whole run)
+    file = open(out / ".lock", "a")
     try:
         import fcntl  # POSIX; elsewhere, no lock
     except ImportError:
@@ -441,8 +375,8 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     options = _model_options(config, species)
     torch.manual_seed(config.seed)  # the initial parameters (DDP copies rank 0's to the others)
     model = _build_model(options, config.dtype).to(processes.device)
-    steps_per_epoch = -(-len(training) // config.batch_size)
-    optimizer, schedule = adam_with_cosine_decay(model, config.lr, config.epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch(len(training), config.batch_size)
+    optimizer, schedule = adam_with_cosine_decay(model, config.lr, total_steps)
     run = _Run(model, optimizer, schedule, torch.Generator().manual_seed(config.seed))
 
     found = _checkpoint_to_resume(config, out, processes)
@@ -478,15 +412,10 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     else:
         trained = model
     evaluation_model = compile_for_inference(model) if config.compile else model
-
-    def as_batch(structures):
-        return _to_device(collate(structures, species, DTYPES[config.dtype]), processes.device)
-
-    bar = progress_bar(
-        config.epochs * steps_per_epoch, run.step, config.progress and processes.is_main
-    )
+    bar = progress_bar(total_steps, run.step, config.progress and processes.is_main)
+    session = _Session(config, processes, species, trained, log, bar)
     while run.epoch < config.epochs:
-        _train_epoch(run, trained, training, as_batch, config, processes, log, bar)
+        _train_epoch(run, session, training)
         metrics = {}
         if validation:
             if evaluation_model is not model:
@@ -502,7 +431,7 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     finished_before = found is not None and found[0]["epoch"] >= config.epochs
     if processes.is_main:
         if not finished_before:
-            _save_checkpoint(run, config, out, log)
+            _save_checkpoint(run, session)
         state_dict = {key: value.cpu() for key, value in model.state_dict().items()}
         saved = {"options": options, "dtype": config.dtype, "state_dict": state_dict}
         buffer = io.BytesIO()
@@ -514,28 +443,27 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     return model
 
 
-def _train_epoch(run, trained, training, as_batch, config, processes, log, bar) -> None:
+def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
     """The rest of the epoch ``run.epoch``: its global batches from ``run.batch`` on."""
+    config = session.config
     if run.order is None:  # the epoch's order, the same on every process
         run.order = torch.randperm(len(training), generator=run.generator)
-    steps_per_epoch = -(-len(training) // config.batch_size)
-    trained.train()
+    num_batches = steps_per_epoch(len(training), config.batch_size)
+    session.trained.train()
     window_start, window_structures = time.perf_counter(), 0
-    while run.batch < steps_per_epoch:
+    while run.batch < num_batches:
         first = run.batch * config.batch_size
         batch = [training[int(i)] for i in run.order[first : first + config.batch_size]]
         lr = run.optimizer.param_groups[0]["lr"]
-        terms = _train_step(
-            trained, run.optimizer, run.schedule, batch, as_batch, config, processes
-        )
+        terms = _train_step(run, session, batch)
         run.batch, run.step = run.batch + 1, run.step + 1
         loss, energy_term, force_term = terms.tolist()
         run.epoch_loss += loss * len(batch)
         window_structures += len(batch)
-        bar.update()
+        session.bar.update()
         if run.step % config.log_every == 0:
             speed = window_structures / (time.perf_counter() - window_start)
-            log.write(
+            session.log.write(
                 "step",
                 step=run.step,
                 epoch=run.epoch,
@@ -546,132 +474,27 @@ def _train_epoch(run, trained, training, as_batch, config, processes, log, bar) 
                 gradient_norm=float(_gradient_norm(run.model)),
                 structures_per_s=speed,
             )
-            bar.set_postfix(loss=f"{loss:.4g}", structures_per_s=f"{speed:.1f}")
+            session.bar.set_postfix(loss=f"{loss:.4g}", structures_per_s=f"{speed:.1f}")
             window_start, window_structures = time.perf_counter(), 0
-        last = run.epoch == config.epochs - 1 and run.batch == steps_per_epoch  # saved after
-        if run.step % config.checkpoint_every == 0 and processes.is_main and not last:
-            _save_checkpoint(run, config, out=Path(config.out), log=log)
+        last = run.epoch == config.epochs - 1 and run.batch == num_batches  # saved after
+        if run.step % config.checkpoint_every == 0 and session.processes.is_main and not last:
+            _save_checkpoint(run, session)
 
 
-def _save_checkpoint(run: _Run, config: TrainConfig, out: Path, log: RunLog) -> None:
+def _save_checkpoint(run: _Run, session: _Session) -> None:
+    config, log = session.config, session.log
     state = {**run.state_dict(), "config": asdict(config), "log_bytes": log.size()}
-    path = save_checkpoint(state, out, run.step)
+    path = save_checkpoint(state, Path(config.out), run.step)
     log.write("checkpoint", step=run.step, file=path.name)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    default = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m se3tutor.train",
-        description="Train an SE(3)-Transformer interatomic potential on energies and forces. "
-        "Under torchrun, each process takes a shard of every batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default=default.data,
-        help='"emt" (EMT copper clusters), or a file of ase Atoms with energies and '
-        'forces, read by ase.io.read(path, ":")',
-    )
-    data.add_argument(
-        "--num-structures", type=int, default=default.num_structures, help="emt: number of clusters"
-    )
-    data.add_argument(
-        "--shells",
-        type=int,
-        nargs="+",
-        default=list(default.shells),
-        help="emt: icosahedron shells to draw from (2: 13 atoms, 3: 55 atoms)",
-    )
-    data.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=default.validation_fraction,
-        help="of the structures, held out to measure the errors after each epoch",
-    )
-    data.add_argument(
-        "--seed",
-        type=int,
-        default=default.seed,
-        help="data, split, initial parameters and batch order",
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument("--irreps-hidden", default=default.irreps_hidden, help="node features")
-    model.add_argument("--num-layers", type=int, default=default.num_layers, help="blocks")
-    model.add_argument("--num-heads", type=int, default=default.num_heads, help="attention")
-    model.add_argument("--max-radius", type=float, default=default.max_radius, help="Å")
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=default.epochs, help="passes over data")
-    training.add_argument(
-        "--batch-size",
-        type=int,
-        default=default.batch_size,
-        help="structures per step, over all processes",
-    )
-    training.add_argument(
-        "--lr",
-        type=float,
-        default=default.lr,
-        help="Adam's learning rate, decaying to 0 along a cosine",
-    )
-    training.add_argument(
-        "--force-weight",
-        type=float,
-        default=default.force_weight,
-        help="lambda in: loss = energy term + lambda * force term",
-    )
-    run = parser.add_argument_group("run")
-    run.add_argument("--dtype", choices=list(DTYPES), default=default.dtype, help="all tensors")
-    run.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default=default.device,
-        help="auto: CUDA if there is a GPU",
-    )
-    run.add_argument("--amp", action="store_true", help="CUDA: bfloat16 autocast")
-    run.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model for validation (training stays eager: "
-        "torch.compile cannot differentiate twice); needs SE3TUTOR_BACKEND=torch, "
-        "which it sets when unset",
-    )
-    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    run.add_argument("--out", default=default.out, help="directory of log, checkpoints, model")
-    run.add_argument("--log-every", type=int, default=default.log_every, help="steps")
-    run.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every, help="steps")
-    run.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=default.resume,
-        help="continue from the last intact checkpoint in --out, if any",
-    )
-    run.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=default.progress,
-        help="progress bar",
-    )
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: ``python -m se3tutor.train --help``. Returns the exit status (2 for
     bad data or options, with the message on stderr)."""
-    arguments = vars(_parser().parse_args(argv))
-    arguments["shells"] = tuple(arguments["shells"])
-    config = TrainConfig(**{f.name: arguments[f.name] for f in fields(TrainConfig)})
+    config = config_from_args(argv)
     try:
         fit(config)
     except SetupError as error:
         print(f"se3tutor.train: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Training interatomic potentials: ``python -m se3tutor.train`` (book: Learning an
+interatomic potential).
+
+The chapter's model and loss (:mod:`se3tutor.potential`), with what a long run needs around
+them:
+
+- :mod:`se3tutor.train.config`: :class:`TrainConfig`, every option once, with its help text;
+  the command line is derived from it
+- :mod:`se3tutor.train.loop`: :func:`fit` (validation, progress, checkpoints, resume),
+  :func:`evaluate`, :func:`load_model`, :func:`main`
+- :mod:`se3tutor.train.checkpoint`: atomic, checksummed checkpoints and random states
+- :mod:`se3tutor.train.runlog`: the JSON-lines log, console lines, progress bar, plots
+- :mod:`se3tutor.train.distributed`: torch.distributed start-up for ``torchrun``
+"""
+
+from se3tutor.train.config import SetupError, TrainConfig
+from se3tutor.train.loop import compile_for_inference, evaluate, fit, load_model, main
+from se3tutor.train.runlog import plot_log, read_log
+
+__all__ = [
+    "SetupError",
+    "TrainConfig",
+    "compile_for_inference",
+    "evaluate",
+    "fit",
+    "load_model",
+    "main",
+    "plot_log",
+    "read_log",
+]
