@@ -6,11 +6,11 @@
 Both libraries get the same call, ``SE3Transformer(dim=32, heads=4, dim_head=16, depth=2,
 num_degrees=2, valid_radius=10, num_neighbors=16)`` (se3tutor's through its drop-in front end
 ``se3tutor.dense``), on a batch of 2 x 64 random points. Each library runs in its own
-subprocess, so that the peak resident memory (``ru_maxrss``) of one does not count against the
-other; the peer runs in its own virtual environment (``.venv-peer``, made on first use from
-the package registry, with the same torch as ours). Printed: median time of forward plus
-backward, the ratio, the peak RSS of each process, and each model's invariance error of its
-type-0 output under a random rotation and translation.
+subprocess, warmed up on a batch of 4-node graphs; the peer runs in its own virtual
+environment (``.venv-peer``, made on first use from the package registry, with the same torch
+as ours). Printed: median time of forward plus backward, the ratio, the peak memory of the
+first full-size step (resident-set growth, ``measure.py``), the parameters, and each model's
+invariance error of its type-0 output under a random rotation and translation.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from measure import memory_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_VENV = ROOT / ".venv-peer"
@@ -34,6 +35,7 @@ CONFIG = dict(
     neighbors=16,
 )  # fmt: skip
 SMOKE = dict(CONFIG, nodes=8, dim=8, dim_head=4, heads=2, depth=1, neighbors=4)
+WARM_UP_NODES = 4  # per graph, before the first full-size step
 
 
 def peer_python(venv: Path) -> Path:
@@ -76,9 +78,9 @@ def _build(model_class, torch, config):
         valid_radius=config["radius"],
         num_neighbors=config["neighbors"],
     )
-    mask = torch.ones(config["batch"], config["nodes"], dtype=torch.bool)
 
     def run(feats, coors):
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool)
         return model(feats, coors, mask, return_type=0)
 
     return model, run
@@ -86,21 +88,32 @@ def _build(model_class, torch, config):
 
 def worker(library: str, config: dict, repeats: int, threads: int) -> dict:
     import torch
+    from measure import peak_memory_mb
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model, run = (build_se3tutor if library == "se3tutor" else build_peer)(config)
-    feats = torch.randn(config["batch"], config["nodes"], config["dim"])
-    coors = torch.randn(config["batch"], config["nodes"], 3)
 
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up caches and allocators
-        start = time.perf_counter()
-        out = run(feats, coors)
-        out.sum().backward()
-        times.append(time.perf_counter() - start)
+    def inputs(nodes):
+        return torch.randn(config["batch"], nodes, config["dim"]), torch.randn(
+            config["batch"], nodes, 3
+        )
+
+    # imports, kernels, allocator: on small graphs, so that the full-size peak shows below
+    run(*inputs(WARM_UP_NODES)).sum().backward()
+    model.zero_grad(set_to_none=True)
+    feats, coors = inputs(config["nodes"])
+
+    def full_step():
+        run(feats, coors).sum().backward()
         model.zero_grad(set_to_none=True)
+
+    peak_mb = peak_memory_mb(full_step, "cpu")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        full_step()
+        times.append(time.perf_counter() - start)
 
     rotation = _random_rotation(torch)
     with torch.no_grad():
@@ -108,10 +121,9 @@ def worker(library: str, config: dict, repeats: int, threads: int) -> dict:
         invariance = (run(feats, coors @ rotation.T + shift) - run(feats, coors)).abs().max()
     return dict(
         library=library,
-        median_s=statistics.median(times[1:]),
-        times_s=times[1:],
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        rss_at_start_mb=rss_start / 1024,
+        median_s=statistics.median(times),
+        times_s=times,
+        peak_mb=peak_mb,
         parameters=sum(p.numel() for p in model.parameters()),
         invariance_error=float(invariance),
         torch=torch.__version__,
@@ -156,17 +168,17 @@ def main() -> None:
     print(f"configuration: {config}, {args.threads} threads, median of {repeats}", flush=True)
     ours = run_worker(Path(sys.executable), "se3tutor", config, repeats, args.threads)
     peer = run_worker(peer_python(args.peer_venv), "peer", config, repeats, args.threads)
-    print(
-        f"{'library':<32}{'fwd+bwd (s)':>12}{'peak RSS (MB)':>15}{'params':>10}{'inv. error':>12}"
-    )
+    print(f"{'library':<32}{'fwd+bwd (s)':>12}{'peak MB':>10}{'params':>11}{'inv. error':>12}")
     for result, name in ((ours, "se3tutor"), (peer, PEER_PACKAGE)):
         print(
-            f"{name:<32}{result['median_s']:>12.4f}{result['peak_rss_mb']:>15.0f}"
-            f"{result['parameters']:>10}{result['invariance_error']:>12.1e}"
+            f"{name:<32}{result['median_s']:>12.4f}{result['peak_mb']:>10.0f}"
+            f"{result['parameters']:>11,}{result['invariance_error']:>12.1e}"
         )
+    print(f"peak MB: {memory_kind('cpu')}")
     print(
-        f"se3tutor is {peer['median_s'] / ours['median_s']:.1f}x faster and uses "
-        f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x the peak memory"
+        f"se3tutor is {peer['median_s'] / ours['median_s']:.1f}x faster, uses "
+        f"{ours['peak_mb'] / peer['peak_mb']:.2f}x the peak memory, and has "
+        f"{ours['parameters'] / peer['parameters']:.3f}x the parameters"
     )
 
 

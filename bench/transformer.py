@@ -3,10 +3,11 @@
 Points are uniform in a cube whose size is chosen so that each has about ``--neighbors``
 neighbours within ``max_radius = 1`` (fixed density), so the number of edges grows in
 proportion to the number of points. Each size runs forward plus backward in a fresh
-subprocess (peak memory of its own: resident set size growth on the CPU,
-``torch.cuda.max_memory_allocated`` on CUDA). The last columns divide the time by the number
-of edges: constant when the cost is linear in the edges; the slope of log(time) against
-log(edges) is printed at the end (1 = linear).
+subprocess, warmed up on a graph of ``WARM_UP_POINTS`` points; its peak memory is that of the
+first full-size step (``measure.py``: resident set growth on the CPU,
+``torch.cuda.max_memory_allocated`` on CUDA), then the best time of the repeats. The last
+columns divide the time by the number of edges: constant when the cost is linear in the edges;
+the slope of log(time) against log(edges) is printed at the end (1 = linear).
 
 On the CPU the per-edge temporaries of a million-edge graph are gigabytes each, and glibc's
 malloc maps every block above 32 MB freshly from the kernel and unmaps it when freed: the page
@@ -18,6 +19,7 @@ variables for large graphs on the CPU.)
 
     python bench/transformer.py                 # 1e3 .. 1e5 points
     python bench/transformer.py --smoke         # 1e3 points only (CI)
+    python bench/transformer.py --points 100000 # one size alone
     python bench/transformer.py --device cuda
     python bench/transformer.py --gpu           # the GPU section (below)
 
@@ -38,7 +40,11 @@ import os
 import subprocess
 import sys
 
-from measure import best_time_and_peak, uniform_points
+from measure import memory_kind, peak_then_best_time, uniform_points
+
+# Points of the warm-up graph (imports, kernels, allocator): small, so that the first
+# full-size step still shows its peak memory (see measure.py).
+WARM_UP_POINTS = 256
 
 
 def run_case(
@@ -64,15 +70,17 @@ def run_case(
     ).to(device)  # fmt: skip
     use_backend(model, backend)
     forward = torch.compile(model) if compile else model
-    pos = uniform_points(num_points, neighbors, device)
-    f = torch.randn(num_points, 8, device=device)
-    edge_index = radius_graph(pos, 1.0)
 
-    def step():
+    def graph(n):
+        pos = uniform_points(n, neighbors, device)
+        return torch.randn(n, 8, device=device), pos, radius_graph(pos, 1.0)
+
+    def step(f, pos, edge_index):
         forward(f, pos, edge_index=edge_index).pow(2).mean().backward()
 
-    step()  # warm up
-    seconds, peak_mb = best_time_and_peak(step, repeats, device)
+    step(*graph(WARM_UP_POINTS))
+    f, pos, edge_index = graph(num_points)
+    seconds, peak_mb = peak_then_best_time(lambda: step(f, pos, edge_index), repeats, device)
     return {
         "points": num_points,
         "edges": edge_index.shape[1],
@@ -97,6 +105,9 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="also under torch.compile")
     parser.add_argument("--gpu", action="store_true", help="the GPU section: see above")
+    parser.add_argument(
+        "--points", type=int, nargs="+", help="graph sizes (default 1e3 .. 1e5; --smoke: 1e3)"
+    )
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,7 +136,7 @@ def main() -> None:
     variants = [(backend, False) for backend in backends]
     if args.compile:
         variants += [(backend, True) for backend in backends]
-    sizes = [1000] if args.smoke else [1000, 3000, 10000, 30000, 100000]
+    sizes = args.points or ([1000] if args.smoke else [1000, 3000, 10000, 30000, 100000])
     repeats = 1 if args.smoke else args.repeats
     environment = dict(os.environ)
     if not args.system_malloc:
@@ -135,6 +146,7 @@ def main() -> None:
         f"~{args.neighbors:g} neighbours per point, best of {repeats}, "
         f"{'default' if args.system_malloc else 'heap-keeping'} malloc"
     )
+    print(f"peak MB: {memory_kind(args.device)}")
     print(
         f"{'points':>8}{'edges':>10}  {'backend':<24}{'seconds':>10}{'peak MB':>10}"
         f"{'us / edge':>11}"
