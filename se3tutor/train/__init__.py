@@ -13,13 +13,14 @@ them:
 - :mod:`se3tutor.train.distributed`: torch.distributed start-up for ``torchrun``
 """
 
-from se3tutor.train.config import SetupError, TrainConfig
+from se3tutor.train.config import SetupError, TrainConfig, TrainingError
 from se3tutor.train.loop import compile_for_inference, evaluate, fit, load_model, main
 from se3tutor.train.runlog import plot_log, read_log
 
 __all__ = [
     "SetupError",
     "TrainConfig",
+    "TrainingError",
     "compile_for_inference",
     "evaluate",
     "fit",

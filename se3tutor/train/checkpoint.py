@@ -65,8 +65,9 @@ def _checkpoints(directory: Path) -> list:
 
 
 def save_checkpoint(state: dict, directory, step: int, keep: int = 2) -> Path:
-    """Save ``state`` as the checkpoint of ``step`` in ``directory``; delete all but the last
-    ``keep`` checkpoints. Returns the path of the ``.pt`` file."""
+    """Save ``state`` as the checkpoint of ``step`` in ``directory``, then keep it and the
+    ``keep - 1`` newest older ones that are intact; delete the others (corrupt ones too, which
+    would otherwise count as kept and push the last good one out). Returns the ``.pt`` path."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     directory = Path(directory)
@@ -78,17 +79,19 @@ def save_checkpoint(state: dict, directory, step: int, keep: int = 2) -> Path:
     write_atomically(path, payload)
     manifest = {"step": step, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     write_atomically(path.with_suffix(".json"), json.dumps(manifest).encode())
-    for old in _checkpoints(directory)[:-keep]:
-        old.with_suffix(".json").unlink(missing_ok=True)  # first: uncommit it
-        old.unlink(missing_ok=True)
+    older = [old for old in reversed(_checkpoints(directory)) if old != path]
+    intact = [old for old in older if _is_intact(old)][: keep - 1]
+    for old in older:
+        if old not in intact:
+            old.with_suffix(".json").unlink(missing_ok=True)  # first: uncommit it
+            old.unlink(missing_ok=True)
     for stale in directory.glob(".checkpoint-*.tmp-*"):  # left by a writer that was killed
         stale.unlink(missing_ok=True)
     return path
 
 
-def read_checkpoint(path) -> dict:
-    """The state saved in ``path``; ``ValueError`` if it does not match its manifest."""
-    path = Path(path)
+def _verified_payload(path: Path) -> bytes:
+    """The bytes of ``path`` if they match its manifest; ``ValueError`` saying how not."""
     manifest_path = path.with_suffix(".json")
     if not manifest_path.exists():
         raise ValueError("no manifest (the writer stopped before committing it)")
@@ -98,6 +101,20 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"{len(payload)} bytes, the manifest says {manifest['bytes']}")
     if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
         raise ValueError("its SHA-256 differs from the manifest's")
+    return payload
+
+
+def _is_intact(path: Path) -> bool:
+    try:
+        _verified_payload(path)
+    except (ValueError, KeyError, OSError):
+        return False
+    return True
+
+
+def read_checkpoint(path) -> dict:
+    """The state saved in ``path``; ``ValueError`` if it does not match its manifest."""
+    payload = _verified_payload(Path(path))
     # weights_only: tensors, numbers, strings and containers, nothing that runs code
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -17,7 +18,15 @@ from typing import Optional
 import torch
 from e3nn import o3
 
-__all__ = ["DTYPES", "SetupError", "TrainConfig", "check_config", "config_from_args", "parser"]
+__all__ = [
+    "DTYPES",
+    "SetupError",
+    "TrainConfig",
+    "TrainingError",
+    "check_config",
+    "config_from_args",
+    "parser",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
@@ -93,6 +102,10 @@ class SetupError(ValueError):
     """The data or the configuration cannot be trained on; raised before training starts."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or parameters); nothing bad was saved."""
+
+
 def parser() -> argparse.ArgumentParser:
     """``python -m se3tutor.train``'s arguments: one per field of :class:`TrainConfig`.
 
@@ -130,6 +143,14 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 def check_config(config: TrainConfig) -> None:
     """Raise :class:`SetupError` naming the first option that cannot be trained with."""
+    for field in fields(config):  # inf passes "> 0", and NaN fails every comparison quietly
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SetupError(f"{field.name} must be a finite number, got {value}")
+    if config.seed < 0:
+        raise SetupError(f"seed must be >= 0, got {config.seed}")
+    if not config.shells or min(config.shells) < 2:
+        raise SetupError(f"shells must each be >= 2 (2 shells: 13 atoms), got {config.shells}")
     positive_ints = ("num_structures", "epochs", "batch_size", "log_every", "checkpoint_every")
     for name in (*positive_ints, "num_layers", "num_heads"):
         if getattr(config, name) < 1:

@@ -84,6 +84,7 @@ from se3tutor.train.config import (
     HOW_NOT_WHAT,
     SetupError,
     TrainConfig,
+    TrainingError,
     check_config,
     config_from_args,
 )
@@ -302,10 +303,23 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path, processes) -> Optional
         if any(out.glob("checkpoint-*.pt")):
             raise SetupError(f"{out} holds checkpoints but resume is off: choose another out")
         return None
-    found = load_latest_checkpoint(out) if processes.is_main else None
-    chosen = distributed.from_main(found[1].name if found else None)
+    decision = None
+    if processes.is_main:
+        found = load_latest_checkpoint(out)
+        refusal = None
+        if found is None and any(out.glob("checkpoint-*.pt")):
+            refusal = (
+                f"every checkpoint in {out} is corrupt or incomplete (see the warnings): move "
+                "them away to start over, or choose another out"
+            )
+        decision = (found[1].name if found else None, refusal)
+    chosen, refusal = distributed.from_main(decision)  # every process stops alike
+    if refusal is not None:
+        raise SetupError(refusal)
     if chosen is not None and not processes.is_main:
         found = read_checkpoint(out / chosen), out / chosen
+    elif chosen is None:
+        found = None
     if found is not None:
         saved, now = found[0]["config"], asdict(config)
         changed = [key for key in now if key not in HOW_NOT_WHAT and saved[key] != now[key]]
@@ -361,8 +375,16 @@ def _lock(out: Path):
 
 def _fit(config, processes, training, validation) -> EnergyModel:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out) if processes.is_main else None
+    lock, refusal = None, None
+    if processes.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _lock(out)
+        except (SetupError, OSError) as error:
+            refusal = f"cannot use {out} for the run: {error}"
+    refusal = distributed.from_main(refusal)  # the same message on every process
+    if refusal is not None:
+        raise SetupError(refusal)
     try:
         return _fit_locked(config, processes, training, validation, out)
     finally:
@@ -429,6 +451,7 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
 
     model.eval()
     finished_before = found is not None and found[0]["epoch"] >= config.epochs
+    _check_finite(model, run.step)
     if processes.is_main:
         if not finished_before:
             _save_checkpoint(run, session)
@@ -458,6 +481,12 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
         terms = _train_step(run, session, batch)
         run.batch, run.step = run.batch + 1, run.step + 1
         loss, energy_term, force_term = terms.tolist()
+        if not math.isfinite(loss):  # every process sees the same sums, and stops alike
+            raise TrainingError(
+                f"step {run.step}: the loss is {loss} (energy term {energy_term}, force term "
+                f"{force_term}); stopped without saving, the last checkpoint in "
+                f"{config.out} is intact. Try a smaller --lr or --force-weight."
+            )
         run.epoch_loss += loss * len(batch)
         window_structures += len(batch)
         session.bar.update()
@@ -481,7 +510,18 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
             _save_checkpoint(run, session)
 
 
+def _check_finite(model: EnergyModel, step: int) -> None:
+    """Refuse to save parameters that are not all finite (an update by an infinite step)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(
+            f"step {step}: parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are "
+            "not finite; stopped without saving them. Try a smaller --lr."
+        )
+
+
 def _save_checkpoint(run: _Run, session: _Session) -> None:
+    _check_finite(run.model, run.step)
     config, log = session.config, session.log
     state = {**run.state_dict(), "config": asdict(config), "log_bytes": log.size()}
     path = save_checkpoint(state, Path(config.out), run.step)
@@ -490,11 +530,14 @@ def _save_checkpoint(run: _Run, session: _Session) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: ``python -m se3tutor.train --help``. Returns the exit status (2 for
-    bad data or options, with the message on stderr)."""
+    bad data or options, 1 when training diverges; the message on stderr)."""
     config = config_from_args(argv)
     try:
         fit(config)
     except SetupError as error:
         print(f"se3tutor.train: error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"se3tutor.train: error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -287,6 +287,12 @@ def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monke
         (["--max-radius", "-1"], "max_radius must be > 0"),
         (["--num-heads", "0"], "num_heads must be >= 1"),
         (["--validation-fraction", "-0.5"], r"validation_fraction must be in \[0, 1\)"),
+        (["--lr", "inf"], "lr must be a finite number, got inf"),
+        (["--force-weight", "inf"], "force_weight must be a finite number"),
+        (["--max-radius", "inf"], "max_radius must be a finite number"),
+        (["--lr", "nan"], "lr must be a finite number, got nan"),
+        (["--seed", "-1"], "seed must be >= 0"),
+        (["--shells", "0"], "shells must each be >= 2"),
     ],
 )
 def test_the_command_line_refuses_bad_options_by_name(tmp_path, capsys, option, message):
@@ -313,3 +319,55 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_finished_run_is_lef
     assert [r["event"] for r in read_log(tmp_path)][-2:] == ["resume", "end"]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         save_checkpoint({"step": 1}, tmp_path, 1, keep=0)
+
+
+def test_an_out_that_is_a_file_is_refused_by_name(tmp_path, capsys):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    assert main([*TINY, "--out", str(not_a_directory)]) == 2
+    assert re.search(
+        r"se3tutor.train: error: cannot use .*file for the run", capsys.readouterr().err
+    )
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    # An enormous learning rate: the first update makes the parameters huge, the next loss
+    # is not finite. The run stops (exit 1), writes no model, and the checkpoint stays good.
+    options = ["--num-structures", "6", "--validation-fraction", "0", "--batch-size", "2"]
+    options += ["--lr", "1e300", "--checkpoint-every", "1", "--epochs", "3"]
+    assert main([*TINY, *options, "--out", str(tmp_path)]) == 1
+    assert re.search(r"step \d+: the loss is (nan|inf)", capsys.readouterr().err)
+    assert not (tmp_path / "model.pt").exists()
+    state, _ = load_latest_checkpoint(tmp_path)
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_when_every_checkpoint_is_corrupt_the_run_is_refused_not_restarted(tmp_path):
+    config = TrainConfig(**TINY_CONFIG, epochs=1, batch_size=2, progress=False, out=str(tmp_path))
+    structures = emt_clusters(6, shells=(2,), seed=1)
+    fit(config, structures)
+    log_before = (tmp_path / "log.jsonl").read_text()
+    for checkpoint in tmp_path.glob("checkpoint-*.pt"):
+        checkpoint.write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(SetupError, match="every checkpoint .* corrupt"):
+        fit(config, structures)
+    assert (tmp_path / "log.jsonl").read_text() == log_before  # not cut, not restarted
+
+
+def test_a_new_checkpoint_keeps_the_newest_intact_one_and_drops_corrupt_ones(tmp_path):
+    def save(step):
+        return save_checkpoint({"step": step}, tmp_path, step)
+
+    for step in (10, 20, 30):
+        save(step)  # keeps 20 and 30
+    (tmp_path / "checkpoint-00000030.pt").write_bytes(b"garbage")
+    save(40)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "checkpoint-00000020.pt",  # the newest intact older one, not the corrupt 30
+        "checkpoint-00000040.pt",
+    ]
+    # Corrupt checkpoints of later steps (left by an earlier run) do not push a new one out.
+    for step in (70, 80):
+        (tmp_path / f"checkpoint-{step:08d}.pt").write_bytes(b"garbage")
+    path = save(50)
+    assert path.exists() and not (tmp_path / "checkpoint-00000080.pt").exists()
