@@ -7,8 +7,9 @@ rotation (or rotation with inversion) :math:`R`, translation :math:`t` and permu
 .. math:: L(D_{in}(R) f,\ R x + t) = D_{out}(R)\, L(f, x), \qquad L(P f, P x) = P\, L(f, x).
 
 Each check returns the largest absolute deviation, so that a caller states its own tolerance
-(about 1e-5 times the output scale in float32, 1e-12 to 1e-10 in float64: torch.matrix_exp,
-which e3nn uses for the Wigner matrices, is accurate to only ~1e-11 for some angles).
+(about 1e-5 times the output scale in float32, about 1e-9 in float64: torch.matrix_exp, which
+e3nn uses for the Wigner matrices, errs by up to about 2.5e-10 on a single matrix for some
+angles, pytorch/pytorch#196592; the book's primer measures it).
 
 A layer is *smooth* when its output and the output's derivative with respect to the positions
 (a force, in a physics model) change continuously as a node moves, in particular when it
