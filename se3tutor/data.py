@@ -13,14 +13,16 @@ optional dependency of se3tutor (``pip install ase``), imported only here.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
-__all__ = ["check_structures", "collate", "emt_clusters"]
+__all__ = ["check_structures", "collate", "emt_clusters", "fingerprint"]
 
 
 def emt_clusters(
@@ -64,17 +66,45 @@ def emt_clusters(
     return structures
 
 
+# Atoms closer than this (Å) are on one spot: the edge between them has no direction.
+COINCIDENT = 1e-6
+
+
+def fingerprint(structures: Sequence) -> str:
+    """SHA-256 of everything training reads from ``structures`` (atomic numbers, positions,
+    energies, forces, cells and periodicity, in order): equal for the same data under any
+    file name, different when a structure changes, is added or is removed.
+
+    >>> fingerprint(emt_clusters(2, shells=(2,))) == fingerprint(emt_clusters(2, shells=(2,)))
+    True
+    """
+    digest = hashlib.sha256()
+    for atoms in structures:
+        digest.update(np.array([len(atoms)]).tobytes())
+        for array in (atoms.numbers, atoms.positions, atoms.get_forces(), atoms.cell[:]):
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        digest.update(np.array([atoms.get_potential_energy(), *atoms.pbc], float).tobytes())
+    return digest.hexdigest()
+
+
 def check_structures(structures: Sequence) -> None:
     """Raise ``ValueError`` naming the first bad structure: an empty list, fewer than two
-    atoms, non-finite positions, a missing or non-finite energy, forces of the wrong shape."""
+    atoms, an atomic number that is no element, non-finite positions, two atoms on one spot,
+    a missing or non-finite energy, forces of the wrong shape."""
     if len(structures) == 0:
         raise ValueError("no structures: the list is empty")
     for index, atoms in enumerate(structures):
         where = f"structure {index} ({atoms.get_chemical_formula()})"
         if len(atoms) < 2:
             raise ValueError(f"{where} has {len(atoms)} atom(s); a graph needs at least 2")
+        if not (atoms.numbers >= 1).all():
+            raise ValueError(f"{where} has atomic number {atoms.numbers.min()}: not an element")
         if not np.isfinite(atoms.positions).all():
             raise ValueError(f"{where} has non-finite positions")
+        coincident = cKDTree(atoms.positions).query_pairs(COINCIDENT)
+        if coincident:
+            i, j = sorted(min(coincident))
+            raise ValueError(f"{where} has atoms {i} and {j} on one spot (no direction between)")
         try:
             energy = atoms.get_potential_energy()
             forces = atoms.get_forces()

@@ -10,7 +10,7 @@ from e3nn import o3
 
 from se3tutor.calculator import SE3Calculator
 from se3tutor.checks import default_dtype
-from se3tutor.data import check_structures, collate, emt_clusters
+from se3tutor.data import check_structures, collate, emt_clusters, fingerprint
 from se3tutor.potential import EnergyModel, predict, train_energy_model
 from se3tutor.transformer import SE3Transformer
 
@@ -38,6 +38,29 @@ def labelled(positions, energy=1.0, forces=None):
     return atoms
 
 
+def with_numbers(atoms, numbers):
+    atoms.numbers = numbers
+    return atoms
+
+
+def test_the_data_fingerprint_sees_every_change_and_nothing_else():
+    structures = emt_clusters(3, shells=(2,), seed=0)
+
+    def copy(shift=0.0):
+        copies = []
+        for atoms in structures:
+            energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+            atoms = atoms.copy()
+            atoms.positions[4, 2] += shift
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+            copies.append(atoms)
+        return copies
+
+    assert fingerprint(copy()) == fingerprint(structures)
+    assert fingerprint(copy(shift=1e-9)) != fingerprint(structures)
+    assert fingerprint(structures[:2]) != fingerprint(structures)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -46,6 +69,8 @@ def labelled(positions, energy=1.0, forces=None):
         (lambda: labelled([[0, 0, 0], [1, 0, 0]], energy=np.inf), "structure 1 .*energy"),
         (lambda: labelled([[0, 0, 0], [1, 0, 0]], forces=np.zeros((3, 3))), "structure 1 .*forces"),
         (lambda: Atoms("Cu2", positions=[[0, 0, 0], [1, 0, 0]]), "structure 1 .*no energy"),
+        (lambda: labelled([[0, 0, 0], [1, 0, 0], [1, 0, 0]]), "structure 1 .*atoms 1 and 2 on one"),
+        (lambda: with_numbers(labelled([[0, 0, 0], [1, 0, 0]]), [29, 0]), "atomic number 0"),
     ],
 )
 def test_bad_structures_are_rejected_naming_the_structure(bad, message):

@@ -21,6 +21,7 @@ from e3nn import o3
 __all__ = [
     "DTYPES",
     "SetupError",
+    "Stopped",
     "TrainConfig",
     "TrainingError",
     "check_config",
@@ -93,8 +94,10 @@ class TrainConfig:
 
 # Options that change how a run is carried out, not what it computes: a run may resume with
 # other values of these (another device, more threads, another log interval).
+# (The data are compared by their contents, se3tutor.data.fingerprint, not by their path.)
 HOW_NOT_WHAT = frozenset(
     {"device", "compile", "threads", "out", "log_every", "checkpoint_every", "resume", "progress"}
+    | {"data"}
 )
 
 
@@ -104,6 +107,10 @@ class SetupError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or parameters); nothing bad was saved."""
+
+
+class Stopped(RuntimeError):
+    """The run was asked to stop (SIGTERM) and saved a checkpoint to continue from."""
 
 
 def parser() -> argparse.ArgumentParser:

@@ -47,12 +47,17 @@ and returns the trained model; :func:`main` is the command line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import io
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +66,8 @@ from typing import Optional
 import torch
 
 from se3tutor.checks import default_dtype
-from se3tutor.data import check_structures, collate, emt_clusters
+from se3tutor.data import check_structures, collate, emt_clusters, fingerprint
+from se3tutor.graph import available_backends
 from se3tutor.potential import (
     EnergyModel,
     adam_with_cosine_decay,
@@ -83,6 +89,7 @@ from se3tutor.train.config import (
     DTYPES,
     HOW_NOT_WHAT,
     SetupError,
+    Stopped,
     TrainConfig,
     TrainingError,
     check_config,
@@ -102,10 +109,18 @@ def load_structures(config: TrainConfig) -> list:
     else:
         from ase.io import read
 
+        path = Path(config.data)
+        if path.is_dir():
+            raise SetupError(f"{path} is a directory: give a file of structures, or emt")
+        if not path.exists():
+            raise SetupError(f"{path}: no such file (a file of structures, or emt)")
         try:
             structures = read(config.data, ":")
         except Exception as error:  # ase raises many kinds, for files it cannot parse
-            raise SetupError(f"cannot read {config.data}: {error}") from None
+            raise SetupError(
+                f"cannot read {config.data} as structures with energies and forces "
+                f"(ase.io.read: {type(error).__name__}: {error})"
+            ) from None
     try:
         check_structures(structures)
     except ValueError as error:
@@ -164,8 +179,6 @@ def compile_for_inference(model: EnergyModel) -> EnergyModel:
     fake-tensor kernels that torch.compile could trace, so the pure-torch backend is needed
     (``SE3TUTOR_BACKEND=torch``).
     """
-    from se3tutor.graph import available_backends
-
     if available_backends()["scatter"] != "torch":
         raise SetupError("torch.compile needs the pure-torch backend: SE3TUTOR_BACKEND=torch")
     compiled = copy.deepcopy(model).eval()
@@ -187,6 +200,8 @@ class _Session:
     trained: torch.nn.Module  # the model, wrapped in DistributedDataParallel for several
     log: RunLog
     bar: object  # the progress bar (se3tutor.train.runlog.progress_bar)
+    data_sha256: str  # se3tutor.data.fingerprint of the structures, checked on resume
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # by SIGTERM
 
     def as_batch(self, structures: Sequence) -> dict:
         """``structures`` collated onto this process's device, in the run's dtype."""
@@ -196,7 +211,8 @@ class _Session:
 
 def _train_step(run: _Run, session: _Session, structures: Sequence) -> torch.Tensor:
     """One optimiser step on a global batch of ``structures`` (every process passes all of
-    them and takes its shard). Returns ``[loss, energy term, force term]`` of the global batch.
+    them and takes its shard). Returns ``[loss, energy term, force term, stop]`` of the global
+    batch (``stop`` > 0 when a process was asked to stop, by SIGTERM).
     """
     counts = dict(num_graphs=len(structures), num_atoms=sum(len(atoms) for atoms in structures))
     processes = session.processes
@@ -216,7 +232,10 @@ def _train_step(run: _Run, session: _Session, structures: Sequence) -> torch.Ten
     run.optimizer.step()
     run.schedule.step()
     terms = torch.stack([loss, energy_term, force_term]).detach()
-    return distributed.all_sum(terms if weight else torch.zeros_like(terms))
+    terms = terms if weight else torch.zeros_like(terms)
+    # The stop request travels with the sums, so that every process stops after this step.
+    stop = terms.new_tensor([float(session.stop.is_set())])
+    return distributed.all_sum(torch.cat([terms, stop]))
 
 
 @torch.no_grad()
@@ -295,7 +314,9 @@ class _Run:
         set_random_states(state["random"])
 
 
-def _checkpoint_to_resume(config: TrainConfig, out: Path, processes) -> Optional[tuple]:
+def _checkpoint_to_resume(
+    config: TrainConfig, out: Path, processes, data_sha256: str
+) -> Optional[tuple]:
     """``(state, path)`` of the checkpoint to resume from, or ``None`` to start afresh. The
     main process chooses, and the others read the file it chose: each choosing for itself,
     processes on several machines could see different files and resume at different steps."""
@@ -327,6 +348,18 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path, processes) -> Optional
             raise SetupError(
                 f"{found[1]} was written by a run with other {', '.join(changed)}: "
                 f"{ {key: saved[key] for key in changed} }; use the same options, or another out"
+            )
+        if found[0]["data_sha256"] != data_sha256:
+            raise SetupError(
+                f"{found[1]} was written by a run on other data (their contents differ from "
+                f"{config.data}'s, whatever the file name): use the same data, or another out"
+            )
+        if found[0]["graph_backends"] != available_backends():
+            warnings.warn(
+                f"{found[1]} was written with the graph backends {found[0]['graph_backends']}, "
+                f"this run has {available_backends()}: equal results up to rounding, but not "
+                "bit for bit",
+                stacklevel=2,
             )
     return found
 
@@ -401,7 +434,8 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     optimizer, schedule = adam_with_cosine_decay(model, config.lr, total_steps)
     run = _Run(model, optimizer, schedule, torch.Generator().manual_seed(config.seed))
 
-    found = _checkpoint_to_resume(config, out, processes)
+    data_sha256 = fingerprint(training + validation)
+    found = _checkpoint_to_resume(config, out, processes, data_sha256)
     if found is None:
         fit_reference_energies(model, training)
     else:
@@ -435,20 +469,9 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
         trained = model
     evaluation_model = compile_for_inference(model) if config.compile else model
     bar = progress_bar(total_steps, run.step, config.progress and processes.is_main)
-    session = _Session(config, processes, species, trained, log, bar)
-    while run.epoch < config.epochs:
-        _train_epoch(run, session, training)
-        metrics = {}
-        if validation:
-            if evaluation_model is not model:
-                evaluation_model.load_state_dict(model.state_dict())
-            metrics = evaluate(evaluation_model, validation, config.batch_size, processes)
-        train_loss = run.epoch_loss / len(training)
-        log.write("epoch", epoch=run.epoch, step=run.step, train_loss=train_loss, **metrics)
-        say(epoch_summary(run.epoch, config.epochs, train_loss, metrics), bar)
-        run.epoch, run.batch, run.order, run.epoch_loss = run.epoch + 1, 0, None, 0.0
-    bar.close()
-
+    session = _Session(config, processes, species, trained, log, bar, data_sha256)
+    with _stop_on_sigterm(session.stop):
+        _train_epochs(run, session, training, validation, evaluation_model, say)
     model.eval()
     finished_before = found is not None and found[0]["epoch"] >= config.epochs
     _check_finite(model, run.step)
@@ -466,6 +489,37 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     return model
 
 
+def _train_epochs(run, session, training, validation, evaluation_model, say) -> None:
+    """The epochs from ``run.epoch`` on, each followed by a validation and its log lines."""
+    config, model, log, bar = session.config, run.model, session.log, session.bar
+    while run.epoch < config.epochs:
+        _train_epoch(run, session, training)
+        metrics = {}
+        if validation:
+            if evaluation_model is not model:
+                evaluation_model.load_state_dict(model.state_dict())
+            metrics = evaluate(evaluation_model, validation, config.batch_size, session.processes)
+        train_loss = run.epoch_loss / len(training)
+        log.write("epoch", epoch=run.epoch, step=run.step, train_loss=train_loss, **metrics)
+        say(epoch_summary(run.epoch, config.epochs, train_loss, metrics), bar)
+        run.epoch, run.batch, run.order, run.epoch_loss = run.epoch + 1, 0, None, 0.0
+    bar.close()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: threading.Event):
+    """While training, SIGTERM (a scheduler's notice) sets ``stop`` instead of killing the
+    process: the run saves a checkpoint after the current step and ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
     """The rest of the epoch ``run.epoch``: its global batches from ``run.batch`` on."""
     config = session.config
@@ -480,7 +534,7 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
         lr = run.optimizer.param_groups[0]["lr"]
         terms = _train_step(run, session, batch)
         run.batch, run.step = run.batch + 1, run.step + 1
-        loss, energy_term, force_term = terms.tolist()
+        loss, energy_term, force_term, stop = terms.tolist()
         if not math.isfinite(loss):  # every process sees the same sums, and stops alike
             raise TrainingError(
                 f"step {run.step}: the loss is {loss} (energy term {energy_term}, force term "
@@ -506,6 +560,11 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
             session.bar.set_postfix(loss=f"{loss:.4g}", structures_per_s=f"{speed:.1f}")
             window_start, window_structures = time.perf_counter(), 0
         last = run.epoch == config.epochs - 1 and run.batch == num_batches  # saved after
+        if stop:
+            if session.processes.is_main:
+                _save_checkpoint(run, session)
+            session.log.write("stopped", step=run.step, signal="SIGTERM")
+            raise Stopped(f"stopped by SIGTERM after step {run.step}, its checkpoint saved")
         if run.step % config.checkpoint_every == 0 and session.processes.is_main and not last:
             _save_checkpoint(run, session)
 
@@ -523,14 +582,21 @@ def _check_finite(model: EnergyModel, step: int) -> None:
 def _save_checkpoint(run: _Run, session: _Session) -> None:
     _check_finite(run.model, run.step)
     config, log = session.config, session.log
-    state = {**run.state_dict(), "config": asdict(config), "log_bytes": log.size()}
+    state = {
+        **run.state_dict(),
+        "config": asdict(config),
+        "log_bytes": log.size(),
+        "data_sha256": session.data_sha256,
+        "graph_backends": available_backends(),
+    }
     path = save_checkpoint(state, Path(config.out), run.step)
     log.write("checkpoint", step=run.step, file=path.name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line: ``python -m se3tutor.train --help``. Returns the exit status (2 for
-    bad data or options, 1 when training diverges; the message on stderr)."""
+    """The command line: ``python -m se3tutor.train --help``. Returns the exit status, with
+    a message on stderr: 2 for bad data or options, 1 when training diverges, 143 after
+    SIGTERM (a checkpoint saved), 130 after Ctrl-C (SIGINT)."""
     config = config_from_args(argv)
     try:
         fit(config)
@@ -540,4 +606,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingError as error:
         print(f"se3tutor.train: error: {error}", file=sys.stderr)
         return 1
+    except Stopped as error:
+        print(f"se3tutor.train: {error}; run the same command to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(
+            f"se3tutor.train: interrupted; the checkpoints in {config.out} are intact: run the "
+            "same command to continue from the last one",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
     return 0

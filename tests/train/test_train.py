@@ -371,3 +371,77 @@ def test_a_new_checkpoint_keeps_the_newest_intact_one_and_drops_corrupt_ones(tmp
         (tmp_path / f"checkpoint-{step:08d}.pt").write_bytes(b"garbage")
     path = save(50)
     assert path.exists() and not (tmp_path / "checkpoint-00000080.pt").exists()
+
+
+def start_and_signal(command, out, signum):
+    """Start a run, send ``signum`` once it has logged two steps; its completed process."""
+    process = subprocess.Popen(command, env=ENVIRONMENT, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None:
+        time.sleep(0.01)
+        if len([r for r in complete_records(out) if r["event"] == "step"]) >= 2:
+            process.send_signal(signum)
+            break
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_and_ctrl_c_exits_without_a_traceback(tmp_path):
+    options = ["--num-structures", "40", "--epochs", "20", "--batch-size", "2"]
+    options += ["--log-every", "1", "--checkpoint-every", "1000"]
+    out = tmp_path / "term"
+    command = [*TRAIN, *TINY, *options, "--out", str(out)]
+    status, stderr = start_and_signal(command, out, signal.SIGTERM)
+    assert status == 143, stderr
+    assert "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    [stopped] = records(out, "stopped")
+    assert records(out, "checkpoint")[-1]["step"] == stopped["step"]  # saved at that step
+    assert load_latest_checkpoint(out)[0]["step"] == stopped["step"]
+
+    out = tmp_path / "interrupt"
+    status, stderr = start_and_signal(
+        [*TRAIN, *TINY, *options, "--out", str(out)], out, signal.SIGINT
+    )
+    assert status == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+def write_structures(path, structures):
+    write(path, structures, format="extxyz")
+    return str(path)
+
+
+def test_resuming_checks_the_data_by_contents_not_by_path(tmp_path):
+    structures = emt_clusters(6, shells=(2,), seed=1)
+    first = write_structures(tmp_path / "a.extxyz", structures)
+    again = write_structures(tmp_path / "b.extxyz", structures)  # the same data, another path
+    options = dict(**TINY_CONFIG, epochs=1, batch_size=2, progress=False)
+    fit(TrainConfig(**options, data=first, out=str(tmp_path / "run")))
+    fit(TrainConfig(**options, data=again, out=str(tmp_path / "run")))  # resumes, finished
+    assert records(tmp_path / "run", "resume")
+    changed = structures[3].copy()
+    changed.positions[0, 0] += 0.01
+    changed.calc = SinglePointCalculator(
+        changed, energy=structures[3].get_potential_energy(), forces=structures[3].get_forces()
+    )
+    other = write_structures(tmp_path / "c.extxyz", [*structures[:3], changed, *structures[4:]])
+    with pytest.raises(SetupError, match="run on other data"):
+        fit(TrainConfig(**options, data=other, out=str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda path: path.mkdir(), "is a directory: give a file of structures"),
+        (lambda path: None, "no such file"),
+        (lambda path: path.write_bytes(bytes(range(256)) * 4), "cannot read .* as structures"),
+    ],
+    ids=["directory", "missing", "binary"],
+)
+def test_data_that_is_not_a_file_of_structures_is_refused_saying_why(
+    tmp_path, capsys, make, message
+):
+    path = tmp_path / "data.extxyz"
+    make(path)
+    assert main([*TINY, "--data", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert re.search(f"se3tutor.train: error: .*{message}", capsys.readouterr().err)
