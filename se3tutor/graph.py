@@ -125,6 +125,8 @@ def radius_graph(
             [0, 1]])
     """
     _check_positions(pos)
+    if not bool(torch.isfinite(pos).all()):  # (a device sync, like the batch check below)
+        raise ValueError("pos has non-finite entries (NaN or inf): no distances to compare")
     if not (isinstance(max_radius, (int, float)) and 0 < max_radius < float("inf")):
         raise ValueError(f"max_radius must be a positive finite number, got {max_radius!r}")
     batch = _check_batch(batch, pos)

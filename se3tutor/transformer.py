@@ -245,6 +245,14 @@ class SE3Transformer(torch.nn.Module):
         )
         self.norm_out = norm(self.irreps_hidden)
         self.readout = o3.Linear(self.irreps_hidden, self.irreps_out)
+        ignored = sorted({ir for _, ir in self.irreps_in} - {ir for _, ir in self.irreps_hidden})
+        if ignored:
+            warnings.warn(
+                f"irreps_in has {' + '.join(map(str, ignored))}, which irreps_hidden "
+                f"({self.irreps_hidden}) lacks: the embedding maps those inputs to 0, so the "
+                "model ignores them (for both parities use hidden_irreps(..., 'SE3'))",
+                stacklevel=2,
+            )
         unreachable = sorted(
             {ir for _, ir in self.irreps_out} - {ir for _, ir in self.irreps_hidden}
         )

@@ -237,3 +237,11 @@ def test_segment_softmax_gradients_stay_finite_when_every_weight_underflows():
         segment_softmax(logits, index, 1, weight=log_weight.detach().exp()).sum(), logits
     )
     assert not torch.isfinite(weighted_grad).all()  # the failure the log form avoids
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_radius_graph_refuses_non_finite_positions_on_both_backends(backend, bad):
+    pos = torch.randn(10, 3)
+    pos[3, 1] = bad
+    with pytest.raises(ValueError, match="pos has non-finite entries"):
+        radius_graph(pos, 1.0)

@@ -312,3 +312,10 @@ def test_outputs_the_hidden_irreps_cannot_reach_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SE3Transformer("2x1o", hidden_irreps(4, 1, "SE3"), "1x1e + 1x1o", max_radius=2.0)
+
+
+def test_inputs_the_hidden_irreps_cannot_take_are_warned_about():
+    with pytest.warns(UserWarning, match=r"irreps_in has 0o, which irreps_hidden .* lacks"):
+        model = SE3Transformer("1x0o", hidden_irreps(4, 1, "E3"), "1x0e", max_radius=2.0)
+    pos = torch.randn(6, 3)
+    assert model(torch.randn(6, 1), pos).equal(model(torch.randn(6, 1), pos))  # ignored

@@ -413,7 +413,7 @@ class SE3Transformer(torch.nn.Module):
         out = natural + other
         if self.norm is not None:
             out = self.norm(out)
-        out = out * mask.reshape(-1, 1)  # masked nodes are not part of the graph
+        out = torch.where(mask.reshape(-1, 1), out, 0.0)  # masked nodes are not in the graph
         result = self._degrees(out.reshape(b, n, -1))
         if return_pooled:
             weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)

@@ -96,7 +96,10 @@ def select_neighbors(
             sparse = _keep_nearest(sparse, pos, int(max_sparse_neighbors), num_nodes)
         pieces.append(sparse)
     if num_neighbors > 0:
-        near = radius_graph(pos, valid_radius, batch=batch)
+        # Masked nodes are left out before the search: their positions may be anything
+        # (padding with NaN, as se3-transformer-pytorch's users do, included).
+        kept_nodes = valid.nonzero()[:, 0]
+        near = kept_nodes[radius_graph(pos[kept_nodes], valid_radius, batch=batch[kept_nodes])]
         keep = allowed(near)
         pair = batch[near[1]], local[near[1]], local[near[0]]  # [g, i, j] of each edge
         if neighbor_mask is not None:

@@ -249,3 +249,16 @@ def test_bad_inputs_are_rejected_with_a_message():
         SE3Transformer(dim=8, num_degrees=2, num_edge_tokens=4)
     with pytest.raises(ValueError, match="causal"):
         SE3Transformer(dim=8, num_degrees=2, causal=True, attend_self=False)
+
+
+def test_masked_nodes_may_have_nan_coordinates():
+    # Padding behind the mask with NaN (as users of se3-transformer-pytorch do) changes
+    # nothing for the real nodes, and the padded nodes' outputs are 0.
+    model = SE3Transformer(dim=8, heads=2, dim_head=4, depth=1, num_degrees=2, num_neighbors=4)
+    feats, coors, mask = inputs(dim=8)
+    mask[:, -3:] = False
+    padded = coors.clone()
+    padded[:, -3:] = float("nan")
+    out, expected = model(feats, padded, mask), model(feats, coors, mask)
+    assert torch.isfinite(out).all() and (out[:, -3:] == 0).all()
+    torch.testing.assert_close(out, expected)

@@ -1,0 +1,18 @@
+"""Every Python block of the README runs as written, each on its own (a reader copies one)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_readme_has_python_blocks():
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("source", BLOCKS, ids=[f"block {i}" for i in range(len(BLOCKS))])
+def test_a_readme_block_runs_on_its_own(source):
+    exec(compile(source, "README.md", "exec"), {})  # a fresh namespace for each block
