@@ -175,10 +175,10 @@ def main() -> None:
             f"{result['parameters']:>11,}{result['invariance_error']:>12.1e}"
         )
     print(f"peak MB: {memory_kind('cpu')}")
+    memory = f"{ours['peak_mb'] / peer['peak_mb']:.2f}x" if peer["peak_mb"] > 0 else "(too small)"
     print(
-        f"se3tutor is {peer['median_s'] / ours['median_s']:.1f}x faster, uses "
-        f"{ours['peak_mb'] / peer['peak_mb']:.2f}x the peak memory, and has "
-        f"{ours['parameters'] / peer['parameters']:.3f}x the parameters"
+        f"se3tutor is {peer['median_s'] / ours['median_s']:.1f}x faster, uses {memory} the "
+        f"peak memory, and has {ours['parameters'] / peer['parameters']:.3f}x the parameters"
     )
 
 
