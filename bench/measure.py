@@ -5,10 +5,11 @@ Peak memory is measured the same way by every script:
 
 - on the CPU, the largest resident set during the *first* full-size call (``ru_maxrss``
   after it) minus the resident set just before it, in a fresh process that has only been
-  warmed up on small inputs. The maximum never goes down, so a full-size warm-up would already have reached the peak and
-  hide it (an earlier version of these scripts reported 884 MB for a step that takes the
-  resident set from 496 MB to 15,272 MB); :func:`peak_memory_mb` refuses to measure in a
-  process whose resident set is already below its maximum;
+  warmed up on small inputs. The maximum never goes down, so a full-size warm-up would
+  already have reached the peak and hide it (an earlier version of these scripts reported
+  884 MB for a step that takes the resident set from 496 MB to 15,272 MB);
+  :func:`peak_memory_mb` refuses to measure in a process whose resident set is already below
+  its maximum;
 - on CUDA, ``torch.cuda.max_memory_allocated`` with the statistics reset just before the first
   full-size call (what PyTorch's caching allocator handed out, not what it holds).
 """
