@@ -27,7 +27,10 @@ Where the behaviour differs on purpose:
 - the radius shrinks the work: neighbours come from a cell-list radius graph, not from an
   all-pairs distance matrix that is masked afterwards;
 - ``differentiable_coors`` is accepted and has no effect: gradients always reach the
-  coordinates (in 0.9.0 the flag is inverted and ``True`` turns them off);
+  coordinates, through the directions and the distances of the edges (in 0.9.0's
+  ``basis.get_basis`` the angular basis is detached whatever the flag: ``False`` detaches
+  it, ``True`` computes it under ``torch.no_grad``; gradients reach the coordinates only
+  through the distances);
 - ``max_sparse_neighbors`` keeps the *nearest* adjacent nodes (0.9.0 samples them at random);
 - masked nodes (``mask == False``) are left out of the graph; their outputs are zero;
 - ``use_null_kv``: the null key and value are learned only in their ``0e`` part (0.9.0
