@@ -6,15 +6,19 @@ them:
 
 - :mod:`se3tutor.train.config`: :class:`TrainConfig`, every option once, with its help text;
   the command line is derived from it
-- :mod:`se3tutor.train.loop`: :func:`fit` (validation, progress, checkpoints, resume),
-  :func:`evaluate`, :func:`load_model`, :func:`main`
+- :mod:`se3tutor.train.loop`: :func:`fit` (validation, progress, checkpoints, resume,
+  signals), :func:`main`
+- :mod:`se3tutor.train.data`: the structures of a run, read or made, checked and split
+- :mod:`se3tutor.train.model`: the model, built, saved and loaded (:func:`load_model`),
+  compiled for evaluation, and evaluated (:func:`evaluate`)
 - :mod:`se3tutor.train.checkpoint`: atomic, checksummed checkpoints and random states
 - :mod:`se3tutor.train.runlog`: the JSON-lines log, console lines, progress bar, plots
 - :mod:`se3tutor.train.distributed`: torch.distributed start-up for ``torchrun``
 """
 
 from se3tutor.train.config import SetupError, TrainConfig, TrainingError
-from se3tutor.train.loop import compile_for_inference, evaluate, fit, load_model, main
+from se3tutor.train.loop import fit, main
+from se3tutor.train.model import compile_for_inference, evaluate, load_model
 from se3tutor.train.runlog import plot_log, read_log
 
 __all__ = [

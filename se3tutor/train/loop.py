@@ -48,7 +48,6 @@ and returns the trained model; :func:`main` is the command line.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import math
@@ -65,15 +64,13 @@ from typing import Optional
 
 import torch
 
-from se3tutor.checks import default_dtype
-from se3tutor.data import check_structures, collate, emt_clusters, fingerprint
+from se3tutor.data import check_structures, collate, fingerprint
 from se3tutor.graph import available_backends
 from se3tutor.potential import (
     EnergyModel,
     adam_with_cosine_decay,
     energy_force_loss,
     fit_reference_energies,
-    predicted_batches,
     steps_per_epoch,
 )
 from se3tutor.train import distributed
@@ -95,97 +92,16 @@ from se3tutor.train.config import (
     check_config,
     config_from_args,
 )
+from se3tutor.train.data import load_structures, split
+from se3tutor.train.model import (
+    build_model,
+    compile_for_inference,
+    evaluate,
+    model_options,
+)
 from se3tutor.train.runlog import RunLog, console, epoch_summary, progress_bar
 
-__all__ = ["compile_for_inference", "evaluate", "fit", "load_model", "main"]
-
-# ---------------------------------------------------------------------------- data and model
-
-
-def load_structures(config: TrainConfig) -> list:
-    """The structures of ``config.data``, checked (:class:`SetupError` names a bad one)."""
-    if config.data == "emt":
-        structures = emt_clusters(config.num_structures, shells=config.shells, seed=config.seed)
-    else:
-        from ase.io import read
-
-        path = Path(config.data)
-        if path.is_dir():
-            raise SetupError(f"{path} is a directory: give a file of structures, or emt")
-        if not path.exists():
-            raise SetupError(f"{path}: no such file (a file of structures, or emt)")
-        try:
-            structures = read(config.data, ":")
-        except Exception as error:  # ase raises many kinds, for files it cannot parse
-            raise SetupError(
-                f"cannot read {config.data} as structures with energies and forces "
-                f"(ase.io.read: {type(error).__name__}: {error})"
-            ) from None
-    try:
-        check_structures(structures)
-    except ValueError as error:
-        raise SetupError(f"{config.data}: {error}") from None
-    return structures
-
-
-def split(structures: Sequence, validation_fraction: float, seed: int) -> tuple:
-    """``(training, validation)``: a seeded random choice of ``round(fraction * n)``
-    structures for validation; each part keeps the structures in their original order."""
-    num_validation = round(validation_fraction * len(structures))
-    if not 0 <= num_validation < len(structures):
-        raise SetupError(
-            f"validation_fraction={validation_fraction} of {len(structures)} structures "
-            "leaves none to train on"
-        )
-    chosen = torch.randperm(len(structures), generator=torch.Generator().manual_seed(seed))
-    held_out = set(chosen[:num_validation].tolist())
-    training = [atoms for i, atoms in enumerate(structures) if i not in held_out]
-    validation = [atoms for i, atoms in enumerate(structures) if i in held_out]
-    return training, validation
-
-
-def _model_options(config: TrainConfig, species: list) -> dict:
-    return dict(
-        species=species,
-        irreps_hidden=config.irreps_hidden,
-        max_radius=config.max_radius,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-    )
-
-
-def _build_model(options: dict, dtype: str) -> EnergyModel:
-    with default_dtype(DTYPES[dtype]):  # e3nn builds its constants in the default dtype
-        return EnergyModel(**options)
-
-
-def load_model(path) -> EnergyModel:
-    """The trained model that :func:`fit` saved in ``path`` (its ``model.pt``, or the file)."""
-    path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
-    saved = torch.load(file, map_location="cpu", weights_only=True)  # trained on a GPU or not
-    model = _build_model(saved["options"], saved["dtype"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval()
-
-
-def compile_for_inference(model: EnergyModel) -> EnergyModel:
-    """A copy of ``model`` whose transformer blocks are compiled by ``torch.compile``, for
-    evaluation (energies and forces, ``model.eval()``). Copy the parameters in before use
-    (``compiled.load_state_dict(model.state_dict())``): that recompiles nothing.
-
-    Not for training: the force loss differentiates the forces, a gradient, once more, and
-    torch.compile (AOTAutograd) cannot differentiate a compiled backward twice. torch-scatter has no
-    fake-tensor kernels that torch.compile could trace, so the pure-torch backend is needed
-    (``SE3TUTOR_BACKEND=torch``).
-    """
-    if available_backends()["scatter"] != "torch":
-        raise SetupError("torch.compile needs the pure-torch backend: SE3TUTOR_BACKEND=torch")
-    compiled = copy.deepcopy(model).eval()
-    for block in compiled.transformer.blocks:
-        block.compile()
-    return compiled
-
+__all__ = ["fit", "main"]
 
 # ---------------------------------------------------------------------------- one step, one epoch
 
@@ -242,34 +158,6 @@ def _train_step(run: _Run, session: _Session, structures: Sequence) -> torch.Ten
 def _gradient_norm(model) -> torch.Tensor:
     norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def evaluate(model: EnergyModel, structures: Sequence, batch_size: int = 16, processes=None):
-    """Errors of ``model`` on ``structures``: ``energy_mae_per_atom`` (eV/atom, the mean over
-    structures of :math:`|\\hat E_b - E_b| / N_b`), ``force_mae`` and ``force_rmse`` (eV/Å, over
-    force components). Several ``processes`` share the structures and sum their errors."""
-    parameter = next(model.parameters())
-    processes = processes or distributed.Processes(0, 1, parameter.device)
-    was_training = model.training
-    sums = torch.zeros(3, dtype=torch.float64, device=parameter.device)  # |dE|/N, |dF|, dF^2
-    mine = distributed.shard(structures, processes)
-    for data, energy, forces in predicted_batches(model, mine, batch_size):
-        atoms_per_graph = torch.bincount(data["batch"], minlength=len(energy))
-        energy_error = ((energy - data["energy"]) / atoms_per_graph).double()
-        force_error = (forces - data["forces"]).double()
-        sums += torch.stack(
-            [energy_error.abs().sum(), force_error.abs().sum(), force_error.pow(2).sum()]
-        )
-    model.train(was_training)
-    if processes.world_size > 1:  # each process evaluated its share
-        sums = distributed.all_sum(sums)
-    energy_sum, force_sum, force_square_sum = sums.tolist()
-    num_components = 3 * sum(len(atoms) for atoms in structures)
-    return {
-        "energy_mae_per_atom": energy_sum / len(structures),
-        "force_mae": force_sum / num_components,
-        "force_rmse": math.sqrt(force_square_sum / num_components),
-    }
 
 
 # ---------------------------------------------------------------------------- the run
@@ -427,9 +315,9 @@ def _fit(config, processes, training, validation) -> EnergyModel:
 
 def _fit_locked(config, processes, training, validation, out: Path) -> EnergyModel:
     species = sorted({int(z) for atoms in training + validation for z in atoms.numbers})
-    options = _model_options(config, species)
+    options = model_options(config, species)
     torch.manual_seed(config.seed)  # the initial parameters (DDP copies rank 0's to the others)
-    model = _build_model(options, config.dtype).to(processes.device)
+    model = build_model(options, config.dtype).to(processes.device)
     total_steps = config.epochs * steps_per_epoch(len(training), config.batch_size)
     optimizer, schedule = adam_with_cosine_decay(model, config.lr, total_steps)
     run = _Run(model, optimizer, schedule, torch.Generator().manual_seed(config.seed))
