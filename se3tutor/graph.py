@@ -16,7 +16,9 @@ Backends
 :func:`radius_graph` and :func:`scatter` call the compiled torch-cluster / torch-scatter when
 they are installed (``pip install se3tutor[pyg]``) and pure-torch code otherwise. Choose per
 call with ``backend="torch"`` or ``"pyg"``, or for a whole process with the environment
-variable ``SE3TUTOR_BACKEND=torch|pyg``. Both give the same edge sets and the same sums.
+variable ``SE3TUTOR_BACKEND=torch|pyg``. Both give the same edge sets and the same sums. On
+CUDA the radius graph is the cell list unless a call asks for ``backend="pyg"`` (see
+:func:`available_backends`: torch-cluster's CUDA search needs memory quadratic in the points).
 
 (Over 400 lines, on purpose: the edge convention, the neighbour search that produces it on
 both backends and the scatter that consumes it are one idea; the pure-torch cell list is most
@@ -54,16 +56,30 @@ def _have_pyg(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def available_backends() -> dict:
-    """Which backend each operation would use by default: ``{"radius_graph": ..., "scatter": ...}``.
+def available_backends(device="cpu") -> dict:
+    """Which backend each operation would use by default on ``device``:
+    ``{"radius_graph": ..., "scatter": ...}``.
 
     >>> sorted(available_backends())
     ['radius_graph', 'scatter']
+    >>> available_backends("cuda")["radius_graph"]  # the cell list, whatever is installed
+    'torch'
     """
     return {
-        "radius_graph": _resolve_backend(None, "torch_cluster"),
+        "radius_graph": _radius_graph_backend(None, torch.device(device)),
         "scatter": _resolve_backend(None, "torch_scatter"),
     }
+
+
+def _radius_graph_backend(backend: Optional[str], device: torch.device) -> str:
+    """The radius graph's backend for tensors on ``device``. On CUDA the cell list, unless a
+    call asks for ``backend="pyg"`` itself: torch-cluster's CUDA kernel is brute force and
+    allocates ``num_nodes * max_num_neighbors`` indices, and finding every neighbour needs
+    ``max_num_neighbors = num_nodes`` (16 N^2 bytes: 14 GB at 3e4 points); a CPU-only build
+    of torch-cluster fails on CUDA tensors altogether. SE3TUTOR_BACKEND does not change this."""
+    if device.type == "cuda" and backend is None:
+        return "torch"
+    return _resolve_backend(backend, "torch_cluster")
 
 
 def _resolve_backend(backend: Optional[str], module: str) -> str:
@@ -138,7 +154,7 @@ def radius_graph(
         raise ValueError(
             f"max_num_neighbors must be None or an integer >= 0, got {max_num_neighbors!r}"
         )
-    if _resolve_backend(backend, "torch_cluster") == "pyg":
+    if _radius_graph_backend(backend, pos.device) == "pyg":
         return _radius_graph_pyg(pos, max_radius, batch, loop, max_num_neighbors)
     return _radius_graph_cells(pos, float(max_radius), batch, loop, max_num_neighbors)
 

@@ -245,3 +245,16 @@ def test_radius_graph_refuses_non_finite_positions_on_both_backends(backend, bad
     pos[3, 1] = bad
     with pytest.raises(ValueError, match="pos has non-finite entries"):
         radius_graph(pos, 1.0)
+
+
+def test_on_cuda_the_radius_graph_is_the_cell_list_unless_a_call_asks(monkeypatch):
+    # torch-cluster's CUDA search allocates num_nodes^2 indices to find every neighbour, and a
+    # CPU-only build fails on CUDA tensors: the environment variable does not switch it on.
+    from se3tutor.graph import _radius_graph_backend
+
+    monkeypatch.setenv("SE3TUTOR_BACKEND", "pyg")
+    assert _radius_graph_backend(None, torch.device("cuda")) == "torch"
+    monkeypatch.setenv("SE3TUTOR_BACKEND", "torch")
+    assert _radius_graph_backend(None, torch.device("cpu")) == "torch"
+    if importlib.util.find_spec("torch_cluster"):
+        assert _radius_graph_backend("pyg", torch.device("cuda")) == "pyg"  # asked for

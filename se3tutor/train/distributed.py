@@ -61,6 +61,14 @@ def start(device: str = "auto") -> Processes:
     if world_size == 1:
         return Processes(0, 1, torch.device(device))
     if device == "cuda":
+        # Every process of the machine sees the same counts, so all refuse alike (one
+        # refusing alone would leave the others waiting in init_process_group).
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if per_machine > torch.cuda.device_count():
+            raise ValueError(
+                f"{per_machine} processes per machine but {torch.cuda.device_count()} GPU(s): "
+                "start at most one process per GPU (torchrun --nproc_per_node), or use --device cpu"
+            )
         chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(chosen)
         dist.init_process_group("nccl")

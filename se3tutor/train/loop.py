@@ -269,7 +269,10 @@ def fit(config: TrainConfig, structures: Optional[Sequence] = None) -> EnergyMod
         os.environ.setdefault("SE3TUTOR_BACKEND", "torch")
     if config.threads:
         torch.set_num_threads(config.threads)
-    processes = distributed.start(config.device)
+    try:
+        processes = distributed.start(config.device)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
     try:
         return _fit(config, processes, training, validation)
     finally:

@@ -38,8 +38,12 @@ from se3tutor.train import (
 from se3tutor.train.checkpoint import load_latest_checkpoint, save_checkpoint
 
 TINY = ["--data", "emt", "--shells", "2", "--irreps-hidden", "8x0e + 4x1o", "--num-layers", "1"]
-TINY += ["--dtype", "float64", "--threads", "1", "--no-progress"]
-TINY_CONFIG = dict(shells=(2,), irreps_hidden="8x0e + 4x1o", num_layers=1, dtype="float64")
+# Pinned to the CPU: the bit-exact and "2 processes = 1" claims are CPU claims (atomic adds on
+# a GPU sum in a varying order), and a GPU machine must not train these on CUDA.
+TINY += ["--dtype", "float64", "--threads", "1", "--no-progress", "--device", "cpu"]
+TINY_CONFIG = dict(
+    shells=(2,), irreps_hidden="8x0e + 4x1o", num_layers=1, dtype="float64", device="cpu"
+)
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = [sys.executable, "-m", "se3tutor.train"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -445,3 +449,16 @@ def test_data_that_is_not_a_file_of_structures_is_refused_saying_why(
     make(path)
     assert main([*TINY, "--data", str(path), "--out", str(tmp_path / "run")]) == 2
     assert re.search(f"se3tutor.train: error: .*{message}", capsys.readouterr().err)
+
+
+def test_more_processes_than_gpus_are_refused_on_every_process(monkeypatch):
+    from se3tutor.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ValueError, match="2 processes per machine but 1 GPU"):
+            distributed.start("cuda")
