@@ -76,8 +76,9 @@ def peak_memory_mb(step: Callable[[], object], device: str) -> float:
             "peak. Measure in a fresh process, warmed up on small inputs only."
         )
     step()
-    # Exact when the step sets a new maximum; otherwise an upper bound (at most SLACK_MB).
-    return max_resident_mb() - resident_before
+    # Exact when the step sets a new maximum; otherwise an upper bound (at most SLACK_MB). The
+    # two counters round differently (KiB, pages): a step that allocates nothing reads 0.
+    return max(0.0, max_resident_mb() - resident_before)
 
 
 def best_time(step: Callable[[], object], repeats: int, device: str) -> float:

@@ -140,7 +140,8 @@ class EquivariantAttention(torch.nn.Module):
         logits = self.dot(q[edge_dst], k)  # [num_edges, 1]
         alpha = segment_softmax(logits, edge_dst, f.shape[0], log_weight=edge_log_weight)
         # sqrt(alpha): the alphas of a centre sum to 1, so sum_j (sqrt(alpha_ij))^2 = 1 and the
-        # output keeps the values' second moment (book: Attention). alpha is exactly 0 where
+        # output keeps the second moment of uncorrelated zero-mean values (book: Attention; n
+        # equal values under uniform attention give sqrt(n) times the value). alpha is 0 where
         # c(r) underflows; there sqrt's slope is infinite, so it is evaluated flat at 0 (with
         # relu().sqrt() the first derivative is 0 but the second, for a force loss, is NaN).
         return scatter(sqrt_flat_at_zero(alpha) * v, edge_dst, dim=0, dim_size=f.shape[0])

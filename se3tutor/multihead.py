@@ -87,11 +87,19 @@ def _heads_side_by_side(irreps_head: o3.Irreps, num_heads: int) -> o3.Irreps:
 
 
 def sqrt_flat_at_zero(alpha: torch.Tensor) -> torch.Tensor:
-    """``sqrt(alpha)`` for ``alpha > 0`` and 0 elsewhere, with every derivative 0 at 0.
+    """``sqrt(alpha)`` for ``alpha > 0`` and 0 elsewhere, whose autograd derivatives at
+    ``alpha == 0`` are all 0 (book: Attention, *Gradients at the awkward distances*).
 
-    ``alpha.relu().sqrt()`` (the Attention chapter) has a zero first derivative at 0, but a
-    force loss differentiates twice, and its second derivative there is ``0 * inf = nan``.
-    ``alpha`` is exactly 0 where the cutoff weight underflows, just inside the cutoff.
+    The square root itself is not flat at 0: its slope ``1 / (2 sqrt(alpha))`` grows without
+    bound as ``alpha -> 0+``. What is flat is the attention weight near the cutoff,
+    ``sqrt(c(r)) = u(2 x)``, a smooth step like ``c`` itself. In floating point ``c``
+    underflows, so ``alpha`` is exactly 0 on a thin shell just inside the cutoff, and the
+    derivatives there must be 0, the limit of the true ones. This function returns the
+    constant 0 where ``alpha <= 0`` and evaluates the root on a harmless input (1) there, so
+    autograd differentiates a constant branch: every derivative it computes at ``alpha == 0``
+    is 0. ``alpha.relu().sqrt()`` gets the first derivative right (relu's mask), but a force
+    loss differentiates twice, and its mixed second derivative with respect to ``alpha`` and
+    the value it multiplies is ``0 * inf = nan``.
     """
     positive = alpha > 0
     return torch.where(positive, torch.where(positive, alpha, torch.ones_like(alpha)).sqrt(), 0.0)
@@ -171,7 +179,7 @@ class MultiHeadAttention(torch.nn.Module):
         k, v = self.expand_heads(kv.key), self.expand_heads(kv.value)  # [num_keys, heads * d]
         logits = (q[kv.dst] * k) @ self.head_sum  # [num_keys, heads]
         alpha = segment_softmax(logits, kv.dst, num_nodes, log_weight=kv.log_weight)
-        # sqrt(alpha) keeps the second moment of the values (book: Attention).
+        # sqrt(alpha) keeps the second moment of uncorrelated zero-mean values (book: Attention).
         weighted = sqrt_flat_at_zero(alpha)[:, self.head_of] * v
         return self.h_o(scatter(weighted, kv.dst, dim=0, dim_size=num_nodes))
 

@@ -7,8 +7,10 @@ The tensor-product weights of an edge depend on its length :math:`r = \|x_{ij}\|
 
 where ``basis`` maps :math:`r` onto :math:`B` smooth bumps on :math:`[0, r_{max}]`
 (``e3nn.math.soft_one_hot_linspace``) and :math:`\sqrt{B}` gives the embedding a second moment
-close to 1 (about one bump is "on" at a time, each of height about :math:`1/\sqrt{B}` in the
-mean square). The MLP is ``e3nn.nn.FullyConnectedNet``, which has no biases: with an
+of 1 on average: the squares of the bumps sum to 1 on average over :math:`[0, r_{max}]` (one or
+two bumps are on at every length, and the sum ripples between about 0.69 and 1.30 for
+:math:`B = 10`; book: Convolution), so each of the :math:`B` numbers has a mean square of
+about :math:`1/B`. The MLP is ``e3nn.nn.FullyConnectedNet``, which has no biases: with an
 activation that maps 0 to 0 (SiLU, ReLU, tanh; not sigmoid), an all-zero embedding (an edge at
 or beyond the cutoff, for the ``cutoff=True`` basis) gives zero weights (book: Smoothness).
 """

@@ -118,9 +118,9 @@ def _check_radial_setting(
         [
             (
                 bumps,
-                "soft_one_hot_linspace's bumps have squares that sum to about 1 at every "
-                "length, so the mean square of the B numbers is about 1/B: multiply by "
-                "sqrt(number_of_basis).",
+                "soft_one_hot_linspace's bumps have squares that sum to 1 on average over "
+                "[0, max_radius] (0.69 to 1.30 at one length, for B = 10), so the mean square "
+                "of the B numbers is about 1/B: multiply by sqrt(number_of_basis).",
             ),
             (lambda: bumps() * number_of_basis, "multiply by sqrt(B), not by B."),
             (
