@@ -380,7 +380,9 @@ def scatter(
         raise TypeError(f"index is on {index.device} but src is on {src.device}")
     if dim_size is None:
         dim_size = int(index.max()) + 1 if index.numel() > 0 else 0
-    if _resolve_backend(backend, "torch_scatter") == "pyg":
+    # Under torch.compile the pure-torch scatter: dynamo cannot trace torch-scatter's kernels.
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _resolve_backend(backend, "torch_scatter") == "pyg":
         import torch_scatter
 
         return torch_scatter.scatter(src, index.long(), dim, dim_size=dim_size, reduce=reduce)

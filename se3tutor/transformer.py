@@ -275,6 +275,9 @@ class SE3Transformer(torch.nn.Module):
         self.check_inputs(f, pos, batch, edge_index, edge_attr)
         return self.propagate(f, self.edges(pos, batch, edge_index, edge_attr))
 
+    # The graph and its geometry stay eager under torch.compile: they read e3nn's Irreps, which
+    # dynamo cannot guard on (its __len__ raises on purpose); the layers (propagate) compile.
+    @torch.compiler.disable
     def edges(
         self,
         pos: torch.Tensor,
@@ -306,6 +309,7 @@ class SE3Transformer(torch.nn.Module):
             f = block(f, edges)
         return f
 
+    @torch.compiler.disable  # validation, eager: see edges
     def check_inputs(self, f, pos, batch=None, edge_index=None, edge_attr=None) -> None:
         """Raise ``ValueError`` (shapes) or ``TypeError`` (dtype, device) naming the argument."""
         check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
