@@ -106,13 +106,20 @@ class EnergyModel(torch.nn.Module):
         """Least-squares per-species energies :math:`e_Z` (energy ~ sum of atom counts times
         :math:`e_Z`) and the scale :math:`s` = RMS of what they leave unexplained per atom,
         so that the network learns an order-one correction."""
+        # On the CPU in float64 with a rank-revealing solver, whatever the model's device and
+        # dtype: float32 lstsq returned one of two values 1 ulp apart from call to call (which
+        # broke bit-exact resume), and CUDA's only driver assumes full rank (a fixed
+        # composition, or a species seen only in validation, makes the counts rank-deficient).
+        energy = energy.detach().cpu().double()
+        batch, species_index = batch.cpu(), species_index.cpu()
         counts = energy.new_zeros(num_graphs, len(self.species))
-        counts.index_put_((batch, species_index), torch.ones_like(batch, dtype=energy.dtype), True)
-        reference = torch.linalg.lstsq(counts, energy[:, None]).solution[:, 0]
+        counts.index_put_((batch, species_index), torch.ones_like(energy[batch]), True)
+        reference = torch.linalg.lstsq(counts, energy[:, None], driver="gelsd").solution[:, 0]
         residual = energy - counts @ reference
         atoms_per_graph = counts.sum(dim=1)
-        self.reference.copy_(reference)
-        self.scale.copy_((residual / atoms_per_graph.sqrt()).pow(2).mean().sqrt().clamp(min=1e-3))
+        scale = (residual / atoms_per_graph.sqrt()).pow(2).mean().sqrt().clamp(min=1e-3)
+        self.reference.copy_(reference)  # into the buffers' device and dtype
+        self.scale.copy_(scale)
 
 
 def fit_reference_energies(model: EnergyModel, structures: Sequence) -> None:

@@ -11,7 +11,7 @@ from e3nn import o3
 from se3tutor.calculator import SE3Calculator
 from se3tutor.checks import default_dtype
 from se3tutor.data import check_structures, collate, emt_clusters, fingerprint
-from se3tutor.potential import EnergyModel, predict, train_energy_model
+from se3tutor.potential import EnergyModel, fit_reference_energies, predict, train_energy_model
 from se3tutor.transformer import SE3Transformer
 
 
@@ -176,3 +176,19 @@ def test_energy_model_builds_the_transformer_it_is_given():
     model = EnergyModel([29], "8x0e", max_radius=4.0, num_layers=1, transformer=Variant)
     assert type(model.transformer) is Variant
     assert type(small_model().transformer) is SE3Transformer
+
+
+def test_reference_energies_of_a_rank_deficient_fit_are_finite_and_repeatable():
+    # One fixed composition (every structure Cu13) and a species that never appears: the
+    # counts matrix has rank 1 of 2. A rank-revealing fit in float64 on the CPU gives the
+    # minimum-norm solution, the same bits every time, whatever the model's dtype.
+    structures = emt_clusters(4, shells=(2,), seed=0)
+    fits = []
+    for dtype in (torch.float32, torch.float32, torch.float64):
+        with default_dtype(dtype):
+            model = EnergyModel([29, 78], "4x0e", max_radius=4.0, num_layers=1, num_heads=1)
+        fit_reference_energies(model, structures)
+        fits.append(model.reference.double())
+    assert torch.isfinite(fits[0]).all() and fits[0][1] == 0  # the absent species: 0
+    assert torch.equal(fits[0], fits[1])
+    assert torch.allclose(fits[0], fits[2], rtol=1e-6)
