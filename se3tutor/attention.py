@@ -116,6 +116,22 @@ class EquivariantAttention(torch.nn.Module):
         )
         return edge_length_embedded, log_smooth_cutoff(edge_length, self.max_radius)
 
+    def edge_terms(self, f: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor):
+        r"""What the softmax and the sum read, per edge: the logits :math:`q_i \cdot k_{ij}`
+        ``[num_edges, 1]``, :math:`\log c(r_{ij})` ``[num_edges]`` and the values
+        :math:`v_{ij}` ``[num_edges, irreps_out.dim]`` (for a caller that weights them otherwise,
+        e.g. by :math:`\alpha` to compare with :math:`\sqrt\alpha`)."""
+        edge_src, edge_dst = edge_index
+        edge_vec = edge_vectors(pos, edge_index)
+        edge_length_embedded, edge_log_weight = self.edge_embedding(edge_vec.norm(dim=1))
+        edge_sh = o3.spherical_harmonics(
+            self.irreps_sh, edge_vec, normalize=True, normalization="component"
+        )
+        q = self.h_q(f)  # [num_nodes, irreps_query.dim]
+        k = self.tp_k(f[edge_src], edge_sh, self.fc_k(edge_length_embedded))  # [num_edges, key]
+        v = self.tp_v(f[edge_src], edge_sh, self.fc_v(edge_length_embedded))  # [num_edges, out]
+        return self.dot(q[edge_dst], k), edge_log_weight, v
+
     def forward(
         self,
         f: torch.Tensor,
@@ -126,18 +142,8 @@ class EquivariantAttention(torch.nn.Module):
         check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
         if edge_index is None:
             edge_index = radius_graph(pos, self.max_radius, batch=batch)
-        edge_src, edge_dst = edge_index
-        edge_vec = edge_vectors(pos, edge_index)
-        edge_length_embedded, edge_log_weight = self.edge_embedding(edge_vec.norm(dim=1))
-        edge_sh = o3.spherical_harmonics(
-            self.irreps_sh, edge_vec, normalize=True, normalization="component"
-        )
-
-        q = self.h_q(f)  # [num_nodes, irreps_query.dim]
-        k = self.tp_k(f[edge_src], edge_sh, self.fc_k(edge_length_embedded))  # [num_edges, key]
-        v = self.tp_v(f[edge_src], edge_sh, self.fc_v(edge_length_embedded))  # [num_edges, out]
-
-        logits = self.dot(q[edge_dst], k)  # [num_edges, 1]
+        edge_dst = edge_index[1]
+        logits, edge_log_weight, v = self.edge_terms(f, pos, edge_index)
         alpha = segment_softmax(logits, edge_dst, f.shape[0], log_weight=edge_log_weight)
         # sqrt(alpha): the alphas of a centre sum to 1, so sum_j (sqrt(alpha_ij))^2 = 1 and the
         # output keeps the second moment of uncorrelated zero-mean values (book: Attention; n

@@ -295,14 +295,8 @@ def test_the_convolution_needs_its_one_over_sqrt_z(graph):
 def attention_outputs(att, f, pos, edge_index):
     """The layer's output, and the variant weighted by alpha instead of sqrt(alpha), from the
     layer's own submodules."""
-    edge_src, edge_dst = edge_index
-    edge_vec = edge_vectors(pos, edge_index)
-    edge_length_embedded, edge_log_weight = att.edge_embedding(edge_vec.norm(dim=1))
-    edge_sh = o3.spherical_harmonics(att.irreps_sh, edge_vec, True, normalization="component")
-    q = att.h_q(f)
-    k = att.tp_k(f[edge_src], edge_sh, att.fc_k(edge_length_embedded))
-    v = att.tp_v(f[edge_src], edge_sh, att.fc_v(edge_length_embedded))
-    logits = att.dot(q[edge_dst], k)
+    edge_dst = edge_index[1]
+    logits, edge_log_weight, v = att.edge_terms(f, pos, edge_index)
     alpha = segment_softmax(logits, edge_dst, f.shape[0], log_weight=edge_log_weight)
     return [
         scatter(weight * v, edge_dst, dim=0, dim_size=f.shape[0])
