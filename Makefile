@@ -50,6 +50,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python ci/make_student_notebooks.py --check  # student exercises = generated ones
+	$(BIN)/python ci/check_notebook_width.py  # code in the chapters fits the page (80 columns)
 
 # Every unit test and docstring example, with torch-cluster/torch-scatter required; then
 # the layers again on the pure-torch backend.
