@@ -11,8 +11,10 @@ r"""The equivariant convolution (book: Convolution).
 - :math:`z`: the typical number of neighbours, a constant, so that the sum of :math:`z` terms of
   second moment 1 has second moment about 1.
 
-With the defaults this reproduces e3nn's convolution guide exactly (same embedding with
-``cutoff=False``, same ``[number_of_basis, 16, weight_numel]`` ReLU MLP, same normalisation).
+With the defaults this reproduces the ``conv`` function of the version of e3nn's convolution
+guide the book follows (commit 8f0c21be) exactly: same embedding with ``cutoff=False``, same
+``[number_of_basis, 16, weight_numel]`` ReLU MLP, same normalisation. (The current guide
+embeds with ``cutoff=True``.)
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class Convolution(torch.nn.Module):
         num_neighbors: :math:`z`, the typical number of neighbours (normalisation constant).
         radial_hidden: width of the hidden layer of the radial MLP.
         cutoff: embed the edge length on bumps that vanish smoothly at 0 and at
-            ``max_radius`` (book: Smoothness). The default ``False`` is the convolution guide's
-            choice: its outputs jump when a neighbour crosses the cutoff sphere.
+            ``max_radius`` (book: Smoothness). The default ``False`` is the older guide's
+            ``conv``: its outputs jump when a neighbour crosses the cutoff sphere.
         radial_activation: activation of the radial MLP. The guide's ``relu`` has kinks, so
             the derivative of the output with respect to the positions (a force) jumps where
             a hidden unit changes sign; a smooth one (``torch.nn.functional.silu``) together

@@ -426,9 +426,12 @@ def segment_softmax(
 
     ``log_weight`` gives the same weights as logarithms (:math:`-\infty` for 0), added to the
     logits before the shift: the form to use when weights can be tiny. With ``weight``, a
-    destination whose weights are all below ~1e-38 (float32) has a sum :math:`z` whose square
-    underflows, and the backward pass gives NaN; with ``log_weight`` the largest term is 1, so
-    :math:`z \ge 1` (book: Smoothness).
+    destination whose weights are all below ~3e-39 (float32: one over its largest number, such
+    as :math:`c(r)` on a thin shell just inside the cutoff) has so small a sum :math:`z` that
+    the backward pass, which divides :math:`\alpha` by :math:`z`, overflows and gives NaN
+    gradients; such tiny (subnormal) weights also cost :math:`\alpha` digits. With
+    ``log_weight`` the largest term is :math:`e^0 = 1`, so :math:`z \ge 1` (book: Attention,
+    *A softmax that cannot overflow*).
 
     Args:
         logits: ``[num_edges]`` or ``[num_edges, k]``; index: ``[num_edges]`` destination of

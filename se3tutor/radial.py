@@ -85,7 +85,8 @@ def log_smooth_cutoff(edge_length: torch.Tensor, max_radius: float) -> torch.Ten
     The attention softmax takes the cutoff in this form (``segment_softmax(...,
     log_weight=...)``): :math:`c(r)` itself underflows near the cutoff (below ~1e-38, float32's
     smallest normal number, for :math:`r > 0.9988\, r_{max}`), and a softmax over such tiny
-    weights divides by their tiny sum in its backward pass (NaN gradients, book: Smoothness).
+    weights divides by their tiny sum in its backward pass (NaN gradients; book: Attention,
+    *A softmax that cannot overflow*).
 
     Shapes: ``[num_edges] -> [num_edges]``.
 
