@@ -58,8 +58,10 @@ def hidden_irreps(multiplicity: int, lmax: int, symmetry: str = "E3") -> o3.Irre
     ``symmetry="E3"``: the natural parity of each degree (``0e + 1o + 2e + ...``), the
     features of a model equivariant to rotations and inversion. ``"SE3"``: both parities of
     every degree. A tensor product only keeps parity-allowed paths, so with natural parities
-    alone the cross product ``1o x 1o -> 1e`` has nowhere to go; with both it does, and the
-    model is as expressive as the SE(3)-Transformer, whose features have no parity.
+    alone the cross product ``1o x 1o -> 1e`` has nowhere to go; with both it does, and every
+    path of the SE(3)-Transformer's kernels (whose features have no parity) with a harmonic
+    of degree at most ``irreps_sh``'s has a place (that model's kernels go up to ``2 lmax``;
+    the same paths are not the same layer: book, The original SE(3)-Transformer layer).
 
     >>> hidden_irreps(8, 2), hidden_irreps(8, 1, "SE3")
     (8x0e+8x1o+8x2e, 8x0e+8x0o+8x1o+8x1e)

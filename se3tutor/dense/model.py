@@ -18,9 +18,12 @@ drops the ``d`` axis). Type-1 features are vectors in ``(x, y, z)`` order.
 
 Symmetry: features of that library have a degree but no parity; it is equivariant to
 rotations only (SE(3)). Each hidden degree here has half its channels with each parity, so
-that every path of its basis has a place (``1 x 1 -> 1``, the cross product, needs the odd
-parity product); an output degree is the sum of its two parities. Exactly equivariant to
-rotations and translations, and as expressive as that library.
+that every path with a harmonic of degree ``J <= num_degrees - 1`` has a place (``1 x 1 -> 1``,
+the cross product, needs the odd parity product); an output degree is the sum of its two
+parities. Exactly equivariant to rotations and translations. Not the same layer: that
+library's kernels also use harmonics up to ``J = 2 (num_degrees - 1)``, a radial network per
+pair of degrees and one weight per pair of channels (book: The original SE(3)-Transformer
+layer).
 
 Where the behaviour differs on purpose:
 
