@@ -13,6 +13,7 @@ def test_the_readme_has_python_blocks():
     assert len(BLOCKS) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", BLOCKS, ids=[f"block {i}" for i in range(len(BLOCKS))])
 def test_a_readme_block_runs_on_its_own(source):
     exec(compile(source, "README.md", "exec"), {})  # a fresh namespace for each block

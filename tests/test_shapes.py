@@ -158,6 +158,7 @@ def test_two_layers_cannot_make_a_pseudoscalar():
     assert pseudoscalars.abs().max() == 0
 
 
+@pytest.mark.slow
 def test_trained_on_one_orientation_the_classifier_recognises_every_rotation():
     torch.manual_seed(0)
     model = ShapeClassifier(8, hidden_irreps(4, 1, "SE3"), max_radius=MAX_RADIUS)

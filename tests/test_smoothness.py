@@ -230,6 +230,7 @@ def smooth_twin_of(relu_convolution):
     return twin
 
 
+@pytest.mark.slow
 def test_a_relu_radial_mlp_fails_the_finite_difference_check_where_a_unit_switches():
     relu = build_layer("relu convolution")
     f = random_features(relu, 2)
@@ -260,6 +261,7 @@ def test_smooth_layers_gradients_match_finite_differences_at_the_awkward_places(
 @pytest.mark.parametrize(
     "name", ["hard-cutoff attention", "guide convolution", "convolution with biases"]
 )
+@pytest.mark.slow
 def test_broken_variants_gradients_are_finite_but_do_not_match_finite_differences(name, place):
     layer = build_layer(name)
     f, pos = random_features(layer, 3), torch.tensor(AWKWARD_PLACES[place], dtype=torch.float64)

@@ -60,6 +60,7 @@ def test_cuequivariance_refused_with_an_install_hint_when_missing(monkeypatch):
         DepthwiseTensorProduct("4x0e", "1x0e", "1x0e", backend="cuequivariance")
 
 
+@pytest.mark.slow
 @needs_cuequivariance
 @pytest.mark.parametrize("irreps_node, irreps_sh, irreps_targets", IRREPS)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -85,6 +86,7 @@ def test_cuequivariance_gives_e3nn_values_and_gradients(
         assert (a - b).abs().max() <= tolerance * a.abs().max(), name
 
 
+@pytest.mark.slow
 @needs_cuequivariance
 def test_a_transformer_on_cuequivariance_gives_the_same_outputs_and_forces():
     torch.manual_seed(0)

@@ -217,6 +217,7 @@ def test_edge_features_enter_the_model_and_keep_it_equivariant(dtype, tolerance)
     assert other.abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_the_model_is_smooth_through_the_cutoff_and_differentiable_at_awkward_places():
     model = build_model(torch.float64, edge_attr_dim=0)
     f, pos = random_inputs(model, num_nodes=4, scale=0.4)

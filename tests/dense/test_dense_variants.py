@@ -202,6 +202,7 @@ def saved_for_backward_mb(model, num_nodes=40):
     return sum(storages.values()) / 2**20
 
 
+@pytest.mark.slow
 def test_splits_and_reversible_keep_less_memory_for_the_backward_pass():
     # Measured with 40 nodes: splits 5.1 -> 0.6 MB; depth 12, 23.6 -> 0.1 MB (100 nodes:
     # 31.5 -> 3.2 MB and 147 -> 0.8 MB). Peak resident memory of a fresh process, 100 nodes:
@@ -215,6 +216,7 @@ def test_splits_and_reversible_keep_less_memory_for_the_backward_pass():
     assert reversible < 0.05 * saved_for_backward_mb(model)
 
 
+@pytest.mark.slow
 def test_splits_compute_the_same_outputs_and_gradients_in_chunks():
     one_piece, chunked = small_model(), small_model(splits=3)  # the default 4: one piece
     assert num_params(one_piece) == num_params(chunked)
@@ -228,6 +230,7 @@ def test_splits_compute_the_same_outputs_and_gradients_in_chunks():
         torch.testing.assert_close(chunked(feats, coors, mask), one_piece(feats, coors, mask))
 
 
+@pytest.mark.slow
 def test_reversible_gives_the_outputs_and_gradients_of_its_equations_without_storing_them():
     model = small_model(depth=3, output_degrees=2, reversible=True)
     feats, coors, mask = inputs(dim=8, dtype=torch.float64)

@@ -228,6 +228,7 @@ def test_fit_refuses_an_empty_list_of_structures():
         fit(TrainConfig(**TINY_CONFIG), structures=[])
 
 
+@pytest.mark.slow
 def test_one_process_takes_the_steps_of_train_energy_model(tmp_path):
     structures = emt_clusters(6, shells=(2,), seed=7)
     config = TrainConfig(
