@@ -3,13 +3,14 @@ and its best time.
 
 Peak memory is measured the same way by every script:
 
-- on the CPU, the largest resident set during the *first* full-size call (``ru_maxrss``
-  after it) minus the resident set just before it, in a fresh process that has only been
-  warmed up on small inputs. The maximum never goes down, so a full-size warm-up would
-  already have reached the peak and hide it (an earlier version of these scripts reported
-  884 MB for a step that takes the resident set from 496 MB to 15,272 MB);
-  :func:`peak_memory_mb` refuses to measure in a process whose resident set is already below
-  its maximum;
+- on the CPU, the largest resident set during the *first* full-size call minus the resident
+  set just before it, in a fresh process that has only been warmed up on small inputs. The
+  process's high-water mark is reset just before the call (Linux: ``5`` into
+  ``/proc/self/clear_refs``) and read after it (``VmHWM``). ``ru_maxrss`` cannot be reset:
+  an earlier version of these scripts took its growth after a full-size warm-up, which had
+  already reached the peak, and reported 884 MB for a step that takes the resident set from
+  496 MB to 15,272 MB. Where the mark cannot be reset, :func:`peak_memory_mb` falls back to
+  ``ru_maxrss`` and refuses to measure in a process that has already been bigger;
 - on CUDA, ``torch.cuda.max_memory_allocated`` with the statistics reset just before the first
   full-size call (what PyTorch's caching allocator handed out, not what it holds).
 """
@@ -56,10 +57,30 @@ def max_resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_mb(field: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the process's peak resident set to the current one; False where Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_mb(step: Callable[[], object], device: str) -> float:
     """Peak memory of one call of ``step`` in MB (see the module docstring). Call it for the
-    first full-size step. On the CPU, raises ``RuntimeError`` when the process has already been
-    bigger than it is now by more than ``SLACK_MB``: the growth would then under-report."""
+    first full-size step. On the CPU where the high-water mark cannot be reset, raises
+    ``RuntimeError`` when the process has already been bigger than it is now by more than
+    ``SLACK_MB``: the growth of ``ru_maxrss`` would then under-report."""
     import torch
 
     if device == "cuda":
@@ -68,6 +89,10 @@ def peak_memory_mb(step: Callable[[], object], device: str) -> float:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
+    if _reset_high_water_mark():
+        resident_before = _status_mb("VmRSS")
+        step()
+        return max(0.0, _status_mb("VmHWM") - resident_before)
     resident_before = resident_mb()
     if max_resident_mb() > resident_before + SLACK_MB:
         raise RuntimeError(

@@ -1,5 +1,5 @@
 """bench/measure.py: the peak memory the benchmarks report is at least what a step touches,
-and a measurement that would under-report is refused."""
+also in a process that has been bigger before (the high-water mark is reset)."""
 
 import subprocess
 import sys
@@ -27,17 +27,18 @@ def test_a_step_that_touches_one_gib_is_reported_as_at_least_one_gib():
     )
     assert done.returncode == 0, done.stderr
     peak_mb = float(done.stdout.strip())
-    assert 1024 <= peak_mb < 1024 + 256, peak_mb  # the GiB, and not much more
+    assert 1020 <= peak_mb < 1024 + 256, peak_mb  # the GiB (less pages already resident)
 
 
 @pytest.mark.slow
-def test_a_process_that_has_already_peaked_is_refused():
-    # A full-size warm-up: the maximum is reached, the memory given back (a large block is
-    # mmapped by malloc and unmapped when freed), and the maximum cannot grow again.
+def test_a_process_that_has_already_peaked_still_reports_the_step():
+    # A full-size warm-up: the maximum is reached and the memory given back (a large block is
+    # mmapped by malloc and unmapped when freed). ru_maxrss would not grow again; the reset
+    # high-water mark does.
     done = run_python(
         "from measure import peak_memory_mb\n"
-        f"torch.ones({ONE_GIB_OF_FLOAT32})\n"
+        f"torch.ones({2 * ONE_GIB_OF_FLOAT32})\n"
         f"print(peak_memory_mb(lambda: torch.ones({ONE_GIB_OF_FLOAT32}), 'cpu'))"
     )
-    assert done.returncode != 0
-    assert "would under-report its peak" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert 1020 <= float(done.stdout.strip()) < 1024 + 256  # a few pages were resident
