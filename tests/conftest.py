@@ -48,3 +48,13 @@ def device(request):
 @pytest.fixture
 def tolerance(dtype):
     return TOLERANCE[dtype]
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: on graphs of tens of nodes a second thread only
+    waits, and on a busy machine it makes a test several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,14 +37,7 @@ TOLERANCE_FLOAT64 = 1e-10
 NOT_EQUIVARIANT = 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Graphs of ten nodes: a second thread only waits, and on a busy machine it makes these
-    # tests several times slower (as in test_shapes.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # graphs of ten nodes (conftest.py)
 
 
 @functools.cache

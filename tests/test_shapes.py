@@ -19,14 +19,7 @@ TOLERANCE_FLOAT64 = 1e-9  # scores of order 1 (tests/conftest.py)
 RIGHT, LEFT = SHAPE_NAMES.index("screw (right)"), SHAPE_NAMES.index("screw (left)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Graphs of a few dozen points: a second thread only waits, and on a busy machine it makes
-    # the training test several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # graphs of a few dozen points
 
 
 def congruent(a: torch.Tensor, b: torch.Tensor, reflections: bool = False) -> bool:
