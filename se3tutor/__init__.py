@@ -19,9 +19,9 @@ The chapters' modules, each named as the book names it:
 - :mod:`se3tutor.original`: the layer of the SE(3)-Transformer paper, built from e3nn pieces
   for comparison (The original SE(3)-Transformer layer)
 - :mod:`se3tutor.shapes`: the tetracubes and ``ShapeClassifier`` (Shapes)
-- :mod:`se3tutor.data`, :mod:`se3tutor.potential`, :mod:`se3tutor.calculator`: atomistic
-  data, ``EnergyModel`` and its training, the ase calculator (Learning an interatomic
-  potential)
+- :mod:`se3tutor.data`, :mod:`se3tutor.periodic`, :mod:`se3tutor.potential`,
+  :mod:`se3tutor.calculator`: atomistic data, the periodic graph of crystals, ``EnergyModel``
+  and its training, the ase calculator (Learning an interatomic potential)
 
 Two subpackages for two other audiences, and one for students:
 

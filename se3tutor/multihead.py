@@ -45,6 +45,7 @@ def edge_geometry(
     max_radius: float,
     number_of_basis: int,
     edge_attr: Optional[torch.Tensor] = None,
+    edge_offset: Optional[torch.Tensor] = None,
 ) -> EdgeGeometry:
     r"""Spherical harmonics, radial MLP input and smooth cutoff of every edge.
 
@@ -54,11 +55,16 @@ def edge_geometry(
     smoothly at the cutoff (book: Smoothness). The cutoff itself is kept as
     :math:`\log c(r)`, the form the softmax takes: :math:`c(r)` underflows near the cutoff.
 
+    In a crystal, ``edge_offset`` is what each edge's periodic image adds to the edge vector,
+    ``edge_cell_shift @ cell`` (:func:`se3tutor.periodic.cell_offsets`).
+
     Shapes: ``pos [num_nodes, 3]``, ``edge_index [2, num_edges]``,
-    ``edge_attr [num_edges, edge_attr_dim]``.
+    ``edge_attr [num_edges, edge_attr_dim]``, ``edge_offset [num_edges, 3]``.
     """
     edge_src, edge_dst = edge_index
     edge_vec = edge_vectors(pos, edge_index)
+    if edge_offset is not None:
+        edge_vec = edge_vec + edge_offset
     edge_length = edge_vec.norm(dim=1)
     edge_sh = o3.spherical_harmonics(irreps_sh, edge_vec, normalize=True, normalization="component")
     edge_log_weight = log_smooth_cutoff(edge_length, max_radius)

@@ -26,10 +26,12 @@ import torch
 
 from se3tutor.data import collate
 from se3tutor.graph import scatter
+from se3tutor.periodic import pbc_of
 from se3tutor.transformer import SE3Transformer
 
 __all__ = [
     "EnergyModel",
+    "crystal",
     "adam_with_cosine_decay",
     "energy_force_loss",
     "fit_reference_energies",
@@ -52,7 +54,17 @@ class EnergyModel(torch.nn.Module):
             :class:`se3tutor.SE3Transformer` with another radial part.
 
     ``forward(pos, species_index, batch, num_graphs)`` returns ``(energy [num_graphs],
-    forces [N, 3])``; the forces are differentiable (for a force loss) when training.
+    forces [N, 3])``; the forces are differentiable (for a force loss) when training. For
+    crystals pass ``cell`` (``[num_graphs, 3, 3]`` or ``[3, 3]``, rows the cell vectors) and
+    ``pbc`` (default: periodic along all three); with ``stress=True`` it also returns the
+    stress ``[num_graphs, 3, 3]`` (eV/Å³ in ase's sign: negative under compression),
+
+    .. math:: \\sigma = \\frac{1}{V} \\frac{\\partial E}{\\partial \\epsilon}\\Big|_{\\epsilon=0}
+              \\quad \\text{for} \\quad x \\to x (1 + \\epsilon),\\
+              \\mathrm{cell} \\to \\mathrm{cell}\\,(1 + \\epsilon),
+
+    for the structures periodic along all three directions (``V = |det cell|``; NaN for the
+    others).
 
     >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
     >>> energy, forces = model(torch.randn(5, 3), torch.zeros(5, dtype=torch.long),
@@ -86,20 +98,44 @@ class EnergyModel(torch.nn.Module):
         self.register_buffer("reference", torch.zeros(len(self.species)))
         self.register_buffer("scale", torch.ones(()))
 
-    def atomic_energies(self, pos, species_index, batch) -> torch.Tensor:
+    def atomic_energies(self, pos, species_index, batch, cell=None, pbc=None) -> torch.Tensor:
         """``[N]``: :math:`s\\, \\varepsilon_i + e_{Z_i}`."""
         one_hot = torch.nn.functional.one_hot(species_index, len(self.species)).to(pos.dtype)
-        epsilon = self.transformer(one_hot, pos, batch=batch)[:, 0]
+        epsilon = self.transformer(one_hot, pos, batch=batch, cell=cell, pbc=pbc)[:, 0]
         return self.scale * epsilon + self.reference[species_index]
 
-    def forward(self, pos, species_index, batch, num_graphs: int):
+    def forward(
+        self, pos, species_index, batch, num_graphs: int, cell=None, pbc=None, stress=False
+    ):
+        if stress and cell is None:
+            raise ValueError("stress needs a cell: pass cell (and pbc)")
         if not pos.requires_grad:
             pos = pos.requires_grad_(True)
-        energy = scatter(
-            self.atomic_energies(pos, species_index, batch), batch, dim=0, dim_size=num_graphs
-        )
-        (gradient,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
-        return energy, -gradient
+        inputs = [pos]
+        if stress:
+            # Strain each structure, atoms and cell together, by (1 + strain) about the
+            # origin: dE/dstrain at strain = 0 is the volume times the stress.
+            cell = cell.expand(num_graphs, 3, 3) if cell.dim() == 2 else cell
+            strain = torch.zeros_like(cell, requires_grad=True)
+            deformation = torch.eye(3, dtype=pos.dtype, device=pos.device) + strain
+            volume = torch.linalg.det(cell).abs()
+            pos = torch.einsum("nx,nxy->ny", pos, deformation[batch])
+            cell = cell @ deformation
+            inputs.append(strain)
+        energy = self.energy(pos, species_index, batch, num_graphs, cell, pbc)
+        gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training)
+        if not stress:
+            return energy, -gradients[0]
+        # Only a cell periodic along all three directions has a volume (and a stress).
+        bulk = pbc_of(pbc, num_graphs, pos.device).all(dim=1) & (volume > 0)
+        stress = gradients[1] / torch.where(bulk, volume, 1.0)[:, None, None]
+        return energy, -gradients[0], torch.where(bulk[:, None, None], stress, float("nan"))
+
+    def energy(self, pos, species_index, batch, num_graphs: int, cell=None, pbc=None):
+        """``[num_graphs]``: the energy of each structure, :math:`E = \\sum_i (s\\,
+        \\varepsilon_i + e_{Z_i})`."""
+        atomic = self.atomic_energies(pos, species_index, batch, cell, pbc)
+        return scatter(atomic, batch, dim=0, dim_size=num_graphs)
 
     @torch.no_grad()
     def fit_reference(self, species_index, batch, energy, num_graphs: int) -> None:
@@ -132,6 +168,14 @@ def fit_reference_energies(model: EnergyModel, structures: Sequence) -> None:
         everything["energy"],
         num_graphs=len(structures),
     )
+
+
+def crystal(data: dict) -> dict:
+    """The keywords ``cell`` and ``pbc`` of a batch from :func:`se3tutor.data.collate` that
+    holds a periodic structure, to pass to :class:`EnergyModel`; ``{}`` for open structures."""
+    if "pbc" in data and bool(data["pbc"].any()):
+        return {"cell": data["cell"], "pbc": data["pbc"]}
+    return {}
 
 
 def adam_with_cosine_decay(model: torch.nn.Module, lr: float, total_steps: int):
@@ -178,7 +222,9 @@ def energy_force_loss(
     num_graphs = len(data["energy"]) if num_graphs is None else num_graphs
     num_atoms = len(data["pos"]) if num_atoms is None else num_atoms
     graphs_here = len(data["energy"])
-    energy, forces = model(data["pos"], data["species_index"], data["batch"], graphs_here)
+    energy, forces = model(
+        data["pos"], data["species_index"], data["batch"], graphs_here, **crystal(data)
+    )
     atoms_per_graph = torch.bincount(data["batch"], minlength=graphs_here)
     energy_term = ((energy - data["energy"]) / atoms_per_graph).pow(2).sum() / num_graphs
     force_term = (forces - data["forces"]).pow(2).sum() / (3 * num_atoms)
@@ -209,7 +255,9 @@ def predicted_batches(model: EnergyModel, structures: Sequence, batch_size: int 
     model.eval()
     for batch in batches(structures, batch_size):
         data = collate(batch, model.species, parameter.dtype, parameter.device)
-        energy, forces = model(data["pos"], data["species_index"], data["batch"], len(batch))
+        energy, forces = model(
+            data["pos"], data["species_index"], data["batch"], len(batch), **crystal(data)
+        )
         yield data, energy.detach(), forces.detach()
 
 

@@ -38,6 +38,12 @@ from se3tutor.multihead import (  # the attention sublayer and its edge data
     edge_geometry,
 )
 from se3tutor.norm import EquivariantLayerNorm, gated_nonlinearity
+from se3tutor.periodic import (
+    cell_offsets,
+    check_periodic_inputs,
+    num_graphs_of,
+    periodic_radius_graph,
+)
 
 __all__ = [
     "EdgeGeometry",
@@ -174,6 +180,11 @@ class SE3Transformer(torch.nn.Module):
     (default: ``radius_graph(pos, max_radius, batch)``), ``edge_attr [num_edges,
     edge_attr_dim]`` -> ``[num_nodes, irreps_out.dim]``.
 
+    Crystals (keyword-only): ``cell [3, 3]`` or ``[num_graphs, 3, 3]`` (rows the cell
+    vectors), ``pbc`` (default: periodic along all three) and, with your own ``edge_index``,
+    ``edge_cell_shift [num_edges, 3]``; the default graph is then
+    :func:`se3tutor.periodic.periodic_radius_graph` and every edge vector includes its image.
+
     >>> model = SE3Transformer("4x0e", hidden_irreps(8, 1), "1x1o", max_radius=2.0,
     ...                        num_layers=2, num_heads=2)
     >>> model(torch.randn(10, 4), torch.randn(10, 3)).shape
@@ -273,9 +284,14 @@ class SE3Transformer(torch.nn.Module):
         batch: Optional[torch.Tensor] = None,
         edge_index: Optional[torch.Tensor] = None,
         edge_attr: Optional[torch.Tensor] = None,
+        *,
+        cell: Optional[torch.Tensor] = None,
+        pbc=None,
+        edge_cell_shift: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        self.check_inputs(f, pos, batch, edge_index, edge_attr)
-        return self.propagate(f, self.edges(pos, batch, edge_index, edge_attr))
+        self.check_inputs(f, pos, batch, edge_index, edge_attr, cell, pbc, edge_cell_shift)
+        edges = self.edges(pos, batch, edge_index, edge_attr, cell, pbc, edge_cell_shift)
+        return self.propagate(f, edges)
 
     # The graph and its geometry stay eager under torch.compile: they read e3nn's Irreps, which
     # dynamo cannot guard on (its __len__ raises on purpose); the layers (propagate) compile.
@@ -286,15 +302,38 @@ class SE3Transformer(torch.nn.Module):
         batch: Optional[torch.Tensor] = None,
         edge_index: Optional[torch.Tensor] = None,
         edge_attr: Optional[torch.Tensor] = None,
+        cell: Optional[torch.Tensor] = None,
+        pbc=None,
+        edge_cell_shift: Optional[torch.Tensor] = None,
     ) -> EdgeGeometry:
-        """The graph (``edge_index``, default: the radius graph) and its geometry, which
-        every layer reads (:func:`se3tutor.multihead.edge_geometry`)."""
-        if edge_index is None:
+        """The graph (``edge_index``, default: the radius graph, or the periodic one when a
+        ``cell`` is given) and its geometry, which every layer reads
+        (:func:`se3tutor.multihead.edge_geometry`)."""
+        edge_offset = None
+        if cell is not None:
+            if edge_index is None:
+                edge_index, edge_cell_shift = periodic_radius_graph(
+                    pos,
+                    self.max_radius,
+                    cell,
+                    pbc,
+                    batch,
+                    num_graphs=num_graphs_of(cell, batch),
+                    max_num_neighbors=self.max_num_neighbors,
+                )
+            edge_offset = cell_offsets(edge_cell_shift, cell, edge_index[1], batch)
+        elif edge_index is None:
             edge_index = radius_graph(
                 pos, self.max_radius, batch=batch, max_num_neighbors=self.max_num_neighbors
             )
         return edge_geometry(
-            pos, edge_index, self.irreps_sh, self.max_radius, self.number_of_basis, edge_attr
+            pos,
+            edge_index,
+            self.irreps_sh,
+            self.max_radius,
+            self.number_of_basis,
+            edge_attr,
+            edge_offset,
         )
 
     def propagate(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
@@ -312,9 +351,20 @@ class SE3Transformer(torch.nn.Module):
         return f
 
     @torch.compiler.disable  # validation, eager: see edges
-    def check_inputs(self, f, pos, batch=None, edge_index=None, edge_attr=None) -> None:
+    def check_inputs(
+        self,
+        f,
+        pos,
+        batch=None,
+        edge_index=None,
+        edge_attr=None,
+        cell=None,
+        pbc=None,
+        edge_cell_shift=None,
+    ) -> None:
         """Raise ``ValueError`` (shapes) or ``TypeError`` (dtype, device) naming the argument."""
         check_graph_inputs(self, self.irreps_in, f, pos, edge_index, batch)
+        check_periodic_inputs(pos, batch, edge_index, cell, pbc, edge_cell_shift)
         if self.edge_attr_dim == 0:
             if edge_attr is not None:
                 raise ValueError("edge_attr given, but the model was built with edge_attr_dim=0")
