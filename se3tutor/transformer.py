@@ -290,8 +290,10 @@ class SE3Transformer(torch.nn.Module):
         edge_cell_shift: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         self.check_inputs(f, pos, batch, edge_index, edge_attr, cell, pbc, edge_cell_shift)
-        edges = self.edges(pos, batch, edge_index, edge_attr, cell, pbc, edge_cell_shift)
-        return self.propagate(f, edges)
+        # The crystal's keywords only for a crystal: a subclass whose edges() predates them
+        # (the chapters write some) still runs on open structures.
+        crystal = {} if cell is None else dict(cell=cell, pbc=pbc, edge_cell_shift=edge_cell_shift)
+        return self.propagate(f, self.edges(pos, batch, edge_index, edge_attr, **crystal))
 
     # The graph and its geometry stay eager under torch.compile: they read e3nn's Irreps, which
     # dynamo cannot guard on (its __len__ raises on purpose); the layers (propagate) compile.
