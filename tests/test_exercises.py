@@ -1,5 +1,6 @@
 """The exercises: every checker accepts a right answer and rejects the typical wrong ones with
-a message that names the mistake. (The student notebooks: ci/test_make_student_notebooks.py.)
+a message that names the mistake, in lines of at most 80 columns (``accepts`` and ``rejects``
+check the width of every message). (The student notebooks: ci/test_make_student_notebooks.py.)
 """
 
 import math
@@ -19,17 +20,44 @@ from se3tutor.radial import embed_edge_length, smooth_cutoff
 silu = torch.nn.functional.silu
 
 
+WIDTH = 80  # the book cuts longer lines of an output cell
+
+
+def assert_fits(text):
+    wide = [line for line in text.splitlines() if len(line) > WIDTH]
+    assert not wide, f"lines wider than {WIDTH} columns: {wide}"
+
+
 def rejects(checker, answer, match, **kwargs):
-    with pytest.raises(ExerciseError, match=re.compile(match, re.S)):
+    """The checker raises on ``answer``; ``match`` is searched in its message with the line
+    breaks read as spaces; every line of the message fits the page."""
+    with pytest.raises(ExerciseError) as error:
         checker(answer, **kwargs)
+    message = str(error.value)
+    assert re.search(match, " ".join(message.split()), re.S), message
+    assert_fits(message)
+    return message
 
 
 def accepts(checker, answer, capsys, **kwargs):
     checker(answer, **kwargs)
-    assert capsys.readouterr().out.startswith("\u2713")
+    out = capsys.readouterr().out
+    assert out.startswith("\u2713")
+    assert_fits(out)
+    return out
 
 
 # ------------------------------------------------------------------------ convolution chapter
+
+
+def test_a_long_message_is_wrapped_at_80_columns_keeping_its_line_breaks():
+    problem = "The output has shape (23, 12), expected (24, 12). " * 4
+    error = ExerciseError(f"layer is not right yet.\n{problem}\nHint: pass dim_size=num_nodes.")
+    lines = str(error).splitlines()
+    assert lines[0] == "layer is not right yet."
+    assert lines[-1] == "Hint: pass dim_size=num_nodes."
+    assert " ".join(lines[1:-1]) == problem.strip()
+    assert max(len(line) for line in lines) <= WIDTH
 
 
 def radial_embedding(edge_length, max_radius, number_of_basis, scale=None, cutoff=False):
@@ -39,14 +67,31 @@ def radial_embedding(edge_length, max_radius, number_of_basis, scale=None, cutof
     return bumps * (number_of_basis**0.5 if scale is None else scale)
 
 
-def convolution(layer, f_in, pos, edge_index, sign=1.0, divide=True, dim_size=True):
-    edge_src, edge_dst = edge_index
+def convolution(
+    layer,
+    f_in,
+    pos,
+    edge_index,
+    sign=1.0,
+    divide=True,
+    dim_size=True,
+    swap=False,
+    onto="dst",
+    normalize=True,
+    z="layer",
+):
+    edge_src, edge_dst = edge_index.flip(0) if swap else edge_index
     edge_vec = sign * (pos[edge_src] - pos[edge_dst])
-    edge_sh = o3.spherical_harmonics(layer.irreps_sh, edge_vec, True, normalization="component")
+    edge_sh = o3.spherical_harmonics(
+        layer.irreps_sh, edge_vec, normalize, normalization="component"
+    )
     embedded = radial_embedding(edge_vec.norm(dim=1), layer.max_radius, layer.number_of_basis)
     summand = layer.tp(f_in[edge_src], edge_sh, layer.fc(embedded))
-    f_out = se3tutor.scatter(summand, edge_dst, dim=0, dim_size=len(pos) if dim_size else None)
-    return f_out / layer.num_neighbors**0.5 if divide else f_out
+    centre = edge_dst if onto == "dst" else edge_src
+    f_out = se3tutor.scatter(summand, centre, dim=0, dim_size=len(pos) if dim_size else None)
+    # z: the layer's constant, or (a slip) the mean degree of the graph at hand
+    num_neighbors = layer.num_neighbors if z == "layer" else edge_index.shape[1] / len(pos)
+    return f_out / num_neighbors**0.5 if divide else f_out
 
 
 def test_radial_embedding_checker_accepts_the_chapters_embedding(capsys, device):
@@ -83,11 +128,49 @@ def test_convolution_checker_accepts_the_chapters_layer(capsys, device):
         (partial(convolution, divide=False), r"did you divide by sqrt\(num_neighbors\)\?"),
         (partial(convolution, sign=-1.0), r"pos\[edge_src\] - pos\[edge_dst\]"),
         (partial(convolution, dim_size=False), r"shape \(23, 12\).*pass dim_size=num_nodes"),
+        (
+            partial(convolution, swap=True),
+            r"edge_src and edge_dst are swapped everywhere.*edges that go one way only",
+        ),
+        (
+            partial(convolution, z="graph"),
+            r"square root of this graph's mean degree.*layer\.num_neighbors",
+        ),
+        (partial(convolution, onto="src"), r"summed onto edge_src.*scatter\(.*edge_dst"),
+        (partial(convolution, normalize=False), r"normalize=False.*Pass normalize=True"),
+        (
+            partial(convolution, onto="src", divide=False),
+            r"summed onto edge_src.*did you divide by sqrt\(num_neighbors\)\?",
+        ),
     ],
-    ids=["without 1/sqrt(z)", "edge vectors reversed", "without dim_size"],
+    ids=[
+        "without 1/sqrt(z)",
+        "edge vectors reversed",
+        "without dim_size",
+        "src and dst swapped",
+        "z from the graph",
+        "scattered onto edge_src",
+        "harmonics not normalized",
+        "scattered onto edge_src, without 1/sqrt(z)",
+    ],
 )
 def test_convolution_checker_names_the_mistake(wrong, match):
-    rejects(exercises.check_convolution, wrong, match)
+    message = rejects(exercises.check_convolution, wrong, match)
+    assert "the geometry is right" not in message
+
+
+def test_convolution_checker_finds_an_index_slip_among_unknown_ones():
+    """A message that lands on edge_src, in an answer that is wrong in other ways too."""
+
+    def scrambled(layer, f_in, pos, edge_index):
+        out = convolution(layer, f_in, pos, edge_index, onto="src")
+        return out + 0.1 * out.roll(1, dims=1)
+
+    rejects(
+        exercises.check_convolution,
+        scrambled,
+        r"one edge, from node 0 \(edge_src\) to node 1.*summed onto edge_src",
+    )
 
 
 def test_a_stub_called_by_the_answer_is_named_in_the_message():
@@ -118,19 +201,34 @@ def segment_softmax(logits, edge_dst, num_nodes, shift="centre", detach_z=False)
     return exp / (z.detach() if detach_z else z)[edge_dst]
 
 
-def attention(layer, f, pos, edge_index, weight_by="sqrt", cutoff_weight=True):
-    edge_src, edge_dst = edge_index
+def attention(
+    layer,
+    f,
+    pos,
+    edge_index,
+    weight_by="sqrt",
+    cutoff_weight=True,
+    swap=False,
+    group="dst",
+    onto="dst",
+    normalize=True,
+):
+    edge_src, edge_dst = edge_index.flip(0) if swap else edge_index
     edge_vec = pos[edge_src] - pos[edge_dst]
     length = edge_vec.norm(dim=1)
     embedded = embed_edge_length(length, layer.max_radius, layer.number_of_basis, cutoff=True)
-    edge_sh = o3.spherical_harmonics(layer.irreps_sh, edge_vec, True, normalization="component")
+    edge_sh = o3.spherical_harmonics(
+        layer.irreps_sh, edge_vec, normalize, normalization="component"
+    )
     q = layer.h_q(f)
     k = layer.tp_k(f[edge_src], edge_sh, layer.fc_k(embedded))
     v = layer.tp_v(f[edge_src], edge_sh, layer.fc_v(embedded))
     weight = smooth_cutoff(length, layer.max_radius) if cutoff_weight else None
-    alpha = se3tutor.segment_softmax(layer.dot(q[edge_dst], k), edge_dst, len(f), weight=weight)
+    by = edge_dst if group == "dst" else edge_src
+    alpha = se3tutor.segment_softmax(layer.dot(q[edge_dst], k), by, len(f), weight=weight)
     alpha = alpha.relu().sqrt() if weight_by == "sqrt" else alpha
-    return se3tutor.scatter(alpha * v, edge_dst, dim=0, dim_size=len(f))
+    centre = edge_dst if onto == "dst" else edge_src
+    return se3tutor.scatter(alpha * v, centre, dim=0, dim_size=len(f))
 
 
 def test_segment_softmax_checker_accepts_a_stable_softmax(capsys, device):
@@ -160,11 +258,31 @@ def test_attention_checker_accepts_the_chapters_layer(capsys, device):
     [
         (partial(attention, weight_by="alpha"), r"weight them by sqrt\(alpha\)"),
         (partial(attention, cutoff_weight=False), r"softmax lacks the cutoff weight"),
+        (
+            partial(attention, swap=True),
+            r"edge_src and edge_dst are swapped everywhere.*edges that go one way only",
+        ),
+        (partial(attention, group="src"), r"softmax is grouped by edge_src.*edge_dst"),
+        (partial(attention, onto="src"), r"summed onto edge_src.*scatter\(.*edge_dst"),
+        (partial(attention, normalize=False), r"normalize=False.*Pass normalize=True"),
+        (
+            partial(attention, group="src", weight_by="alpha"),
+            r"softmax is grouped by edge_src.*sqrt\(alpha\)",
+        ),
     ],
-    ids=["alpha, not sqrt(alpha)", "no cutoff weight"],
+    ids=[
+        "alpha, not sqrt(alpha)",
+        "no cutoff weight",
+        "src and dst swapped",
+        "softmax grouped by edge_src",
+        "scattered onto edge_src",
+        "harmonics not normalized",
+        "softmax grouped by edge_src, weighted by alpha",
+    ],
 )
 def test_attention_checker_names_the_mistake(wrong, match):
-    rejects(exercises.check_attention, wrong, match)
+    message = rejects(exercises.check_attention, wrong, match)
+    assert "the geometry is right" not in message
 
 
 # ---------------------------------------------------------------------- normalization chapter
@@ -234,9 +352,8 @@ def test_normalization_checker_accepts_the_normalized_layer(capsys, device):
 
 def test_normalization_checker_names_every_missing_constant():
     unnormalized = partial(normalized_convolution, sh="integral", root_b=False, z=False)
-    with pytest.raises(ExerciseError) as error:
-        exercises.check_normalization(unnormalized)
-    message = str(error.value)
+    message = rejects(exercises.check_normalization, unnormalized, r"these slips give")
+    message = " ".join(message.split())
     assert re.search(r"Second moment of your output per irrep type: 0e 0\.0\d", message)
     assert "did you divide by sqrt(num_neighbors)?" in message
     assert "normalization='integral'" in message
@@ -246,7 +363,7 @@ def test_normalization_checker_names_every_missing_constant():
 @pytest.mark.parametrize(
     "wrong, match",
     [
-        (partial(normalized_convolution, root_b=False), r"this slip gives: \(1\) the embedding"),
+        (partial(normalized_convolution, root_b=False), r"this slip gives: the embedding"),
         (partial(normalized_convolution, sh="norm"), r'normalization="norm"'),
     ],
     ids=["without sqrt(B)", "harmonics in norm normalisation"],
@@ -291,8 +408,8 @@ def test_smooth_cutoff_checker_accepts_a_c1_cutoff_with_a_remark(capsys):
     def cosine(r, max_radius):
         return torch.where(r < max_radius, 0.5 * (torch.cos(math.pi * r / max_radius) + 1), 0.0)
 
-    exercises.check_smooth_cutoff(cosine)
-    assert "the second does not" in capsys.readouterr().out
+    out = accepts(exercises.check_smooth_cutoff, cosine, capsys)
+    assert "the second does not" in " ".join(out.split())
 
 
 @pytest.mark.parametrize(
@@ -385,6 +502,8 @@ def make_vector_model(kind: str, max_radius: float = 1.5):
             return f.repeat(1, 3)
         if kind == "zero":
             return torch.zeros_like(pos)
+        if kind == "no dim_size":  # one row short whenever the last point has no neighbour
+            return se3tutor.scatter(weight * edge_vec, edge_dst, dim=0)
         return se3tutor.scatter(weight * edge_vec, edge_dst, dim=0, dim_size=len(pos))
 
     return model
@@ -392,11 +511,13 @@ def make_vector_model(kind: str, max_radius: float = 1.5):
 
 def test_equivariant_checker_accepts_equivariant_models(capsys, device):
     model = make_vector_model("equivariant")
-    exercises.check_equivariant(model, "1x0e", "1x1o", device=device)
-    assert capsys.readouterr().out.startswith("\u2713 model is equivariant")
+    out = accepts(exercises.check_equivariant, model, capsys, irreps_in="1x0e", device=device,
+                  irreps_out="1x1o")  # fmt: skip
+    assert out.startswith("\u2713 model is equivariant")
     transformer = se3tutor.SE3Transformer("1x0e", "8x0e + 8x1o", "1x1o", max_radius=1.5)
-    exercises.check_equivariant(transformer.to(device), "1x0e", "1x1o", device=device)
-    assert "SE3Transformer is equivariant" in capsys.readouterr().out
+    out = accepts(exercises.check_equivariant, transformer.to(device), capsys, irreps_in="1x0e",
+                  irreps_out="1x1o", device=device)  # fmt: skip
+    assert "SE3Transformer is equivariant" in out
 
 
 @pytest.mark.parametrize(
@@ -407,11 +528,51 @@ def test_equivariant_checker_accepts_equivariant_models(capsys, device):
         ("cross product", r"Rotations are fine, but the inversion"),
         ("no geometry", r"does not use the geometry"),
         ("zero", r"always 0"),
+        # The 12 points have a neighbour each, but not once moved or listed in another order.
+        ("no dim_size", r"output has shape \(11, 3\).*\(12, 3\).*dim_size=num_nodes"),
     ],
 )
 def test_equivariant_checker_says_which_transformation_breaks_the_model(kind, match):
-    with pytest.raises(ExerciseError, match=re.compile(match, re.S)):
-        exercises.check_equivariant(make_vector_model(kind), "1x0e", "1x1o")
+    kwargs = {"irreps_in": "1x0e", "irreps_out": "1x1o"}
+    rejects(exercises.check_equivariant, make_vector_model(kind), match, **kwargs)
+
+
+@pytest.mark.parametrize("calls_before_the_error", [1, 2])
+def test_equivariant_checker_explains_an_error_raised_by_the_model(calls_before_the_error):
+    """An error in the model's code, on the first call or on a transformed input, comes back
+    as a message that keeps torch's own and says what it usually means."""
+    model = make_vector_model("equivariant")
+    calls = []
+
+    def fails_later(f, pos):
+        calls.append(1)
+        if len(calls) > calls_before_the_error:
+            return model(f, pos) + torch.zeros(len(pos) - 1, 3)  # a size mismatch in torch
+        return model(f, pos)
+
+    rejects(
+        exercises.check_equivariant,
+        fails_later,
+        r"raised RuntimeError: The size of tensor a \(12\) must match the size of tensor b "
+        r"\(11\).*Hint: two tensors of different lengths",
+        irreps_in="1x0e",
+        irreps_out="1x1o",
+    )
+
+
+def test_convolution_checker_explains_an_error_raised_on_a_later_call():
+    """The layer checkers call the answer again (probes, equivariance): an error there is
+    explained too, not shown raw."""
+    calls = []
+
+    def wrong_then_failing(layer, f_in, pos, edge_index):
+        calls.append(1)
+        out = convolution(layer, f_in, pos, edge_index)
+        if len(calls) > 1:
+            return out[torch.arange(len(pos) + 1)]  # one row past the end
+        return out + 0.1 * out.roll(1, dims=1)
+
+    rejects(exercises.check_convolution, wrong_then_failing, r"raised IndexError: .*Hint: an index")
 
 
 # -------------------------------------------------------------------------- potential chapter
@@ -517,9 +678,8 @@ def test_every_checker_has_a_nan_answer():
 @pytest.mark.parametrize("checker", sorted(NAN_ANSWERS))
 def test_every_checker_rejects_an_all_nan_answer(checker):
     answer, kwargs = NAN_ANSWERS[checker]
-    with pytest.raises(ExerciseError, match=r"NaN|non-finite") as error:
-        getattr(exercises, checker)(answer, **kwargs)
-    assert " is not right yet" in str(error.value)
+    message = rejects(getattr(exercises, checker), answer, r"NaN|non-finite", **kwargs)
+    assert " is not right yet" in message
 
 
 def test_second_moment_checker_rejects_a_nan_for_one_irrep_type():
@@ -592,7 +752,5 @@ def test_layer_checkers_name_the_two_slips_of_a_sum_over_the_edges(checker):
     def one_row_short(layer, f, pos, edge_index):
         return torch.zeros(len(pos) - 1, layer.irreps_out.dim, dtype=f.dtype)
 
-    with pytest.raises(exercises.ExerciseError, match="one row per edge: .*edge_dst"):
-        checker(one_row_per_edge)
-    with pytest.raises(exercises.ExerciseError, match="one row short: pass dim_size=num_nodes"):
-        checker(one_row_short)
+    rejects(checker, one_row_per_edge, "one row per edge: .*edge_dst")
+    rejects(checker, one_row_short, "one row short: pass dim_size=num_nodes")

@@ -1,12 +1,13 @@
 """Checkers for the exercises of the book (``book/exercises/``, one notebook per chapter).
 
 Each checker runs the reader's function on seeded random inputs, compares it with the
-reference implementation in se3tutor, and either prints one line starting with a check mark
+reference implementation in se3tutor, and either prints a message starting with a check mark
 or raises :class:`ExerciseError` (an ``AssertionError``) whose message says what is wrong:
 a shape (expected and got), a value (where, by how much), a normalisation (the second moment
 measured, and which missing constant would explain it), equivariance (which transformation
 breaks it, in which block of irreps), a sign convention, a NaN gradient. Typical mistakes are
-recognised by name.
+recognised by name (in the two layer exercises, also two at once). Every message is wrapped
+at 80 columns, the width of the book's page.
 
 ========================================  =============================================
 exercise (notebook)                        checker
@@ -31,7 +32,9 @@ Every checker takes ``device=`` (default CPU) for the tensors it gives the reade
 ... # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-se3tutor.exercises.ExerciseError: segment_softmax is not right yet. With random logits, ...
+se3tutor.exercises.ExerciseError: segment_softmax is not right yet.
+With random logits, the alphas of each centre should sum to 1; yours sum to
+...
 Hint: the numerators exp(logits) still need dividing by their sum per centre.
 """
 

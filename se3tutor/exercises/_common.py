@@ -3,7 +3,8 @@ reference, recognise typical mistakes, and explain them.
 
 A checker raises :class:`ExerciseError` with a message meant for a student: what was measured,
 what was expected, and, where the mistake is a known one, what to change. On success it prints
-one line that starts with a check mark.
+a line that starts with a check mark. Every message is wrapped at :data:`WIDTH` columns, the
+width of the book's page, which cuts longer lines of an output cell.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import textwrap
 from collections.abc import Iterator, Sequence
 from typing import Callable, Optional, Union
 
@@ -25,10 +27,24 @@ __all__ = ["ExerciseError"]
 Device = Optional[Union[str, torch.device]]
 
 
+WIDTH = 80
+
+
+def wrap(text: str) -> str:
+    """``text`` with every line wrapped at :data:`WIDTH` columns (its line breaks kept)."""
+    return "\n".join(
+        textwrap.fill(line, WIDTH, break_long_words=False, break_on_hyphens=False)
+        for line in text.split("\n")
+    )
+
+
 class ExerciseError(AssertionError):
     """The reader's answer to an exercise is not right yet; the message says why."""
 
     __module__ = "se3tutor.exercises"  # where readers import it from, as tracebacks show it
+
+    def __init__(self, message: str) -> None:
+        super().__init__(wrap(message))
 
 
 # Error messages of torch that students meet in these exercises, with what usually causes them.
@@ -53,19 +69,41 @@ _KNOWN_ERRORS = {
         "a tensor you created has another dtype than the inputs: create it with "
         "dtype=<input>.dtype (or torch.zeros_like(...))."
     ),
+    "must match the size of tensor": (
+        "two tensors of different lengths met. A scatter without dim_size=num_nodes returns "
+        "one row per node up to the last node that receives an edge, so it comes up short when "
+        "the last nodes receive none; other suspects are a gather with the wrong index "
+        "(edge_src, edge_dst) or a missing [edge_dst] after a per-node tensor."
+    ),
+    "out of bounds": (
+        "an index is larger than the tensor it indexes: edge_src and edge_dst index nodes "
+        "(rows 0 to num_nodes - 1), so use them on per-node tensors, and a per-edge tensor "
+        "only with indices below num_edges."
+    ),
+    "shapes cannot be multiplied": (
+        "a module got features of another width than it was built for: give it the tensor of "
+        "the irreps it expects (its irreps_in.dim columns)."
+    ),
 }
 
 
 def fail(name: str, problem: str, hint: Optional[str] = None) -> ExerciseError:
-    """The error to raise: ``raise fail("radial_embedding", "...", hint="...")``."""
-    message = f"{name} is not right yet. {problem}"
+    """The error to raise: ``raise fail("radial_embedding", "...", hint="...")``. The first
+    line of the message is short, so that it fits after the ``ExerciseError:`` of a traceback.
+    """
+    message = f"{name} is not right yet.\n{problem}"
     if hint:
         message += f"\nHint: {hint}"
     return ExerciseError(message)
 
 
+def report(text: str) -> None:
+    """Print ``text``, wrapped to the page."""
+    print(wrap(text))
+
+
 def passed(name: str, details: str) -> None:
-    print(f"\u2713 {name} is correct: {details}")
+    report(f"\u2713 {name} is correct: {details}")
 
 
 def call(function: Callable, name: str, *args, **kwargs):
@@ -222,14 +260,22 @@ def scalar_factor(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
     return c if residual <= 1e-4 * max(float(got.abs().max()), 1e-30) else None
 
 
-def explain_factor(c: float, factors: dict, max_terms: int = 3) -> Optional[list]:
+def explain_factor(
+    c: float, factors: dict, max_terms: int = 3, exclusive: Sequence[set] = ()
+) -> Optional[list]:
     """Which known mistakes, each multiplying the output by a known factor, multiply together
-    to ``c``: the names of the set (of at most ``max_terms``) whose product is closest to
+    to ``c``: the names of the set (of at most ``max_terms``, and at most one of each group in
+    ``exclusive``: different ways to get one constant wrong) whose product is closest to
     ``c``, if within 0.5 %, else ``None`` (always for ``c = 0``, NaN or inf)."""
     if c == 0 or not math.isfinite(c):
         return None
     candidates = [
-        names for size in range(1, max_terms + 1) for names in itertools.combinations(factors, size)
+        names
+        for size in range(1, max_terms + 1)
+        for names in itertools.combinations(factors, size)
+        if not any(len(group.intersection(names)) > 1 for group in exclusive)
+        # slips that cancel (sqrt(B) and 1/sqrt(B)) explain nothing
+        and not abs(math.prod(factors[n] for n in names) - 1) <= 0.005
     ]
     best = min(candidates, key=lambda names: abs(math.prod(factors[n] for n in names) / c - 1))
     error = abs(math.prod(factors[n] for n in best) / c - 1)
@@ -253,6 +299,58 @@ def describe_blocks(errors: dict) -> str:
     return f"the worst block is {worst} ({listing})"
 
 
+class _OutputChanged(Exception):
+    """An output of another type or shape than the first one (message: what happened)."""
+
+
+def changed_output_problem(transformation: str, got, out: torch.Tensor) -> str:
+    """What to say when ``transformation`` changed the output ``out`` into ``got``."""
+    shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+    problem = (
+        f"{transformation}, its output has shape {shape}, while on the original inputs it "
+        f"has {tuple(out.shape)}."
+    )
+    if isinstance(got, torch.Tensor) and got.dim() == out.dim() and got.shape[1:] == out.shape[1:]:
+        problem += (
+            " The number of rows must not depend on the positions or the order of the points: "
+            "a scatter without dim_size=num_nodes returns rows only up to the last node that "
+            "receives an edge, so it comes up short when the last nodes receive none. Pass "
+            "dim_size=num_nodes."
+        )
+    return problem
+
+
+def _same_shape_each_call(layer: Callable) -> Callable:
+    """``layer``, raising :class:`_OutputChanged` when an output is not a tensor of the shape
+    of the first one; the calls are named in the order :func:`_equivariance_problem` makes."""
+    names = iter(
+        [
+            "Shifting every point by the same vector",
+            *["Rotating the points and the input features"] * 3,
+            "Inverting the points (x -> -x)",
+            "Listing the points in another order",
+        ]
+    )
+    first = []
+
+    def checked(f: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        got = layer(f, pos)
+        if not first:
+            if not isinstance(got, torch.Tensor):
+                raise _OutputChanged(
+                    f"It returned a {type(got).__name__}; the output should be a tensor."
+                )
+            first.append(got)
+        elif not isinstance(got, torch.Tensor) or got.shape != first[0].shape:
+            transformation = next(names, "Called again")
+            raise _OutputChanged(changed_output_problem(transformation, got, first[0]))
+        else:
+            next(names, None)
+        return got
+
+    return checked
+
+
 def equivariance_problem(
     layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     irreps_in,
@@ -266,7 +364,28 @@ def equivariance_problem(
     or ``None`` when it does not (translations, rotations, the inversion, permutations are
     tried one at a time, so that the message can say which one breaks it). ``tolerance`` is
     relative to the largest output. An output with NaN or inf, on the given inputs or on
-    transformed ones, is a problem too (and says which transformation gave it)."""
+    transformed ones, is a problem too (and says which transformation gave it), and so is an
+    output whose shape changes with the transformation (a scatter without ``dim_size``).
+    ``layer`` should turn the reader's errors into :class:`ExerciseError` (see :func:`call`).
+    """
+    checked = _same_shape_each_call(layer)
+    try:
+        return _equivariance_problem(checked, irreps_in, irreps_out, f, pos, tolerance, permute)
+    except _OutputChanged as changed:
+        return str(changed)
+
+
+def _equivariance_problem(
+    layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    irreps_in,
+    irreps_out,
+    f: torch.Tensor,
+    pos: torch.Tensor,
+    tolerance: float = 1e-4,
+    permute: bool = True,
+) -> Optional[str]:
+    """:func:`equivariance_problem`, with ``layer`` called in the order of
+    :func:`_same_shape_each_call`'s names."""
     irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
     nan_hint = (
         "NaN typically comes from 0 / 0 or from the direction of a vector of length 0 (a "

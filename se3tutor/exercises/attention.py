@@ -35,6 +35,7 @@ from se3tutor.exercises._common import (
     second_moment,
     seeded,
 )
+from se3tutor.exercises._slips import message_flow_problem, slip_sets, what_slips_give
 from se3tutor.graph import radius_graph, scatter, segment_softmax
 from se3tutor.radial import embed_edge_length, smooth_cutoff
 
@@ -65,7 +66,8 @@ def check_segment_softmax(segment_softmax_fn: Callable, device: Device = None) -
 
     >>> from se3tutor import segment_softmax
     >>> check_segment_softmax(segment_softmax)  # doctest: +ELLIPSIS
-    ✓ segment_softmax is correct: sums to 1 per centre, no overflow for logits near 100...
+    ✓ segment_softmax is correct: sums to 1 per centre, no overflow for logits near
+    100 or -200, gradient equal to the reference
     """
     name = "segment_softmax"
     device = as_device(device)
@@ -195,6 +197,9 @@ def check_segment_softmax(segment_softmax_fn: Callable, device: Device = None) -
 
 
 def _problem(device: torch.device):
+    """An attention layer, its input, and a directed graph whose last node has no neighbour:
+    a radius graph with 15 % of its edges dropped, so that some edges go one way only (on a
+    symmetric graph, edge_src and edge_dst swapped everywhere give the same output)."""
     with seeded(3):
         layer = EquivariantAttention(
             "4x0e + 2x1o",
@@ -207,40 +212,123 @@ def _problem(device: torch.device):
         )
         pos = torch.cat([torch.randn(15, 3), torch.full((1, 3), 10.0)])
         f = layer.irreps_in.randn(len(pos), -1)
-    edge_index = radius_graph(pos, 1.5)
+        edge_index = radius_graph(pos, 1.5)
+        edge_index = edge_index[:, torch.rand(edge_index.shape[1]) >= 0.15]
     return layer.to(device), f.to(device), pos.to(device), edge_index.to(device)
 
 
 def _variant(
-    layer, f, pos, edge_index, sign=1.0, cutoff_weight=True, weight_by="sqrt", query="dst"
+    layer,
+    f,
+    pos,
+    edge_index,
+    swap=False,
+    sign=1.0,
+    sender="src",
+    query="dst",
+    group="dst",
+    onto="dst",
+    normalize=True,
+    embedding_cutoff=True,
+    cutoff_weight=True,
+    weight_by="sqrt",
 ):
-    """The chapter's attention with one of its typical slips."""
-    edge_src, edge_dst = edge_index
+    """The chapter's attention with some of its typical slips."""
+    edge_src, edge_dst = edge_index.flip(0) if swap else edge_index
+    index = {"src": edge_src, "dst": edge_dst}
     edge_vec = sign * (pos[edge_src] - pos[edge_dst])
     edge_length = edge_vec.norm(dim=1)
-    embedded = embed_edge_length(edge_length, layer.max_radius, layer.number_of_basis, cutoff=True)
-    edge_sh = o3.spherical_harmonics(layer.irreps_sh, edge_vec, True, normalization="component")
+    embedded = embed_edge_length(
+        edge_length, layer.max_radius, layer.number_of_basis, cutoff=embedding_cutoff
+    )
+    edge_sh = o3.spherical_harmonics(
+        layer.irreps_sh, edge_vec, normalize, normalization="component"
+    )
     q = layer.h_q(f)
-    k = layer.tp_k(f[edge_src], edge_sh, layer.fc_k(embedded))
-    v = layer.tp_v(f[edge_src], edge_sh, layer.fc_v(embedded))
-    logits = layer.dot(q[edge_dst if query == "dst" else edge_src], k)
+    k = layer.tp_k(f[index[sender]], edge_sh, layer.fc_k(embedded))
+    v = layer.tp_v(f[index[sender]], edge_sh, layer.fc_v(embedded))
+    logits = layer.dot(q[index[query]], k)
     weight = smooth_cutoff(edge_length, layer.max_radius) if cutoff_weight else None
-    alpha = segment_softmax(logits, edge_dst, len(f), weight=weight)
+    alpha = segment_softmax(logits, index[group], len(f), weight=weight)
     alpha = alpha.relu().sqrt() if weight_by == "sqrt" else alpha
-    return scatter(alpha * v, edge_dst, dim=0, dim_size=len(f))
+    return scatter(alpha * v, index[onto], dim=0, dim_size=len(f))
+
+
+# The typical slips: the keyword arguments of _variant that make them, and what to say.
+_SLIPS = {
+    "swap": (
+        {"swap": True},
+        "edge_src and edge_dst are swapped everywhere. On a radius graph every edge also goes "
+        "the other way, so that gives the same output there; this graph has edges that go one "
+        "way only. Messages flow from the neighbour edge_src (row 0 of edge_index) to the "
+        "centre edge_dst (row 1): edge_src, edge_dst = edge_index.",
+    ),
+    "sign": (
+        {"sign": -1.0},
+        "your edge vectors point from the neighbour to the centre; se3tutor's convention "
+        "is pos[edge_src] - pos[edge_dst].",
+    ),
+    "sender": (
+        {"sender": "dst"},
+        "the keys and values are made from the centre's features f[edge_dst]; they carry the "
+        "neighbour's, f[edge_src].",
+    ),
+    "query": (
+        {"query": "src"},
+        "the query belongs to the centre that receives the message: q[edge_dst].",
+    ),
+    "group": (
+        {"group": "src"},
+        "the softmax is grouped by edge_src, so the alphas of the edges that leave a node sum "
+        "to 1. Those that must sum to 1 are the alphas of the edges that arrive at a centre: "
+        "segment_softmax(logits, edge_dst, num_nodes, weight=c).",
+    ),
+    "onto": (
+        {"onto": "src"},
+        "the values are summed onto edge_src. They belong to the centre that receives them: "
+        "scatter(sqrt(alpha) * v, edge_dst, dim=0, dim_size=num_nodes).",
+    ),
+    "normalize": (
+        {"normalize": False},
+        "the harmonics are of the raw edge vectors (normalize=False): e3nn then returns "
+        "|x|^l Y(x / |x|), still equivariant, but the l >= 1 harmonics grow with the edge "
+        "length. Pass normalize=True: the length enters through the radial embedding only.",
+    ),
+    "embedding": (
+        {"embedding_cutoff": False},
+        "the lengths are embedded with cutoff=False; the attention layer uses cutoff=True, so "
+        "that keys and values fade out at max_radius.",
+    ),
+    "cutoff weight": (
+        {"cutoff_weight": False},
+        "the softmax lacks the cutoff weight: multiply each numerator exp(q . k) by "
+        "c(r) = se3tutor.radial.smooth_cutoff(edge_length, max_radius), so that an edge "
+        "fades in and out of the softmax at the cutoff.",
+    ),
+    "alpha": (
+        {"weight_by": "alpha"},
+        "the values are weighted by alpha; weight them by sqrt(alpha). The alphas of a "
+        "centre sum to 1, so the sum of the squared weights, sqrt(alpha)^2, is 1 too, "
+        "and the output keeps the second moment of the values (with alpha it shrinks "
+        "like 1 / (number of neighbours)).",
+    ),
+}
+# swap flips every index at once: with another index slip it is a set of index slips.
+_INDEX_FLIPS = [{"swap", other} for other in ("sign", "sender", "query", "group", "onto")]
 
 
 def check_attention(attention: Callable, device: Device = None) -> None:
     r"""Check ``attention(layer, f, pos, edge_index)``, the forward pass of the Attention
     chapter written with the submodules of ``layer``, a :class:`se3tutor.EquivariantAttention`
     (``h_q``, ``tp_k``, ``fc_k``, ``tp_v``, ``fc_v``, ``dot``, and ``irreps_sh``,
-    ``max_radius``, ``number_of_basis``), against ``layer(f, pos, edge_index)``.
+    ``max_radius``, ``number_of_basis``), against ``layer(f, pos, edge_index)``, on a graph
+    with edges that go one way only.
 
     Shapes: ``f [num_nodes, irreps_in.dim]``, ``pos [num_nodes, 3]``,
     ``edge_index [2, num_edges]`` -> ``[num_nodes, irreps_out.dim]``.
 
     >>> check_attention(lambda layer, f, pos, edge_index: layer(f, pos, edge_index))
-    ✓ attention is correct: [16, 11], equal to se3tutor.EquivariantAttention within 1e-5
+    ✓ attention is correct: [16, 11], equal to EquivariantAttention within 1e-5
     """
     name = "attention"
     layer, f, pos, edge_index = _problem(as_device(device))
@@ -251,44 +339,30 @@ def check_attention(attention: Callable, device: Device = None) -> None:
         "scatter(..., edge_dst, dim=0, dim_size=num_nodes).",
     )  # fmt: skip
     if close(got, expected):
-        passed(name, f"[{num_nodes}, {dim}], equal to se3tutor.EquivariantAttention within 1e-5")
+        passed(name, f"[{num_nodes}, {dim}], equal to EquivariantAttention within 1e-5")
         return
     measured = (
         f"The second moment of your output is {second_moment(got):.3g}, the reference's "
         f"{second_moment(expected):.3g}."
     )
     args = (layer, f, pos, edge_index)
-    hint = matching_mistake(
-        got,
-        [
-            (
-                lambda: _variant(*args, weight_by="alpha"),
-                "the values are weighted by alpha; weight them by sqrt(alpha). The alphas of a "
-                "centre sum to 1, so the sum of the squared weights, sqrt(alpha)^2, is 1 too, "
-                "and the output keeps the second moment of the values (with alpha it shrinks "
-                "like 1 / (number of neighbours)).",
-            ),
-            (
-                lambda: _variant(*args, cutoff_weight=False),
-                "the softmax lacks the cutoff weight: multiply each numerator exp(q . k) by "
-                "c(r) = se3tutor.radial.smooth_cutoff(edge_length, max_radius), so that an edge "
-                "fades in and out of the softmax at the cutoff.",
-            ),
-            (
-                lambda: _variant(*args, sign=-1.0),
-                "your edge vectors point from the neighbour to the centre; se3tutor's convention "
-                "is pos[edge_src] - pos[edge_dst].",
-            ),
-            (
-                lambda: _variant(*args, query="src"),
-                "the query belongs to the centre that receives the message: q[edge_dst].",
-            ),
-        ],
+    for slips in slip_sets(list(_SLIPS), 2, _INDEX_FLIPS):
+        with torch.no_grad():
+            wrong = _variant(*args, **{k: v for s in slips for k, v in _SLIPS[s][0].items()})
+        if close(got, wrong, 1e-4):
+            hints = [_SLIPS[slip][1] for slip in slips]
+            raise fail(name, f"{measured} Your output is exactly what {what_slips_give(hints)}")
+    steps = (
+        "the steps: edge vectors, embedded lengths (cutoff=True), harmonics (normalize=True), "
+        "q = h_q(f), keys and values from tp_k/tp_v of f[edge_src] with fc_k/fc_v weights, "
+        "logits = dot(q[edge_dst], k), softmax over the edges of each centre (edge_dst) with "
+        "the cutoff weight, scatter of sqrt(alpha) * v onto edge_dst."
     )
-    if hint is not None:
-        raise fail(name, measured, hint)
+    flow = message_flow_problem(attention, name, layer, layer.irreps_in, layer.max_radius, pos)
+    if flow is not None:
+        raise fail(name, f"{measured} {flow}", steps)
     problem = equivariance_problem(
-        lambda f, p: attention(layer, f, p, edge_index),
+        lambda f, p: call(attention, name, layer, f, p, edge_index),
         layer.irreps_in,
         layer.irreps_out,
         f,
@@ -300,9 +374,10 @@ def check_attention(attention: Callable, device: Device = None) -> None:
         f"{measured} Your output differs from se3tutor.EquivariantAttention's by up to "
         f"{largest_difference(got, expected):.3g} (largest entry {scale_of(expected):.3g}); "
         f"{describe_blocks(block_errors(got - expected, layer.irreps_out))}. "
-        + (problem or "It is equivariant, so the geometry is right."),
-        "the steps: edge vectors, embedded lengths (cutoff=True), harmonics, q = h_q(f), keys "
-        "and values from tp_k/tp_v of f[edge_src] with fc_k/fc_v weights, logits = "
-        "dot(q[edge_dst], k), softmax per centre with the cutoff weight, scatter of "
-        "sqrt(alpha) * v onto edge_dst.",
+        + (
+            problem
+            or "It is equivariant, which does not make it right: no known slip, alone or with "
+            "another, gives your output, so compare each step with the chapter's."
+        ),
+        steps,
     )

@@ -77,7 +77,8 @@ def check_forces(energy_and_forces: Callable, device: Device = None) -> None:
 
     >>> check_forces(lambda *args, training=False: _reference(*args, training))
     ... # doctest: +ELLIPSIS
-    ✓ energy_and_forces is correct: energies [3], forces [15, 3] = -dE/dx, differentiable...
+    ✓ energy_and_forces is correct: energies [3], forces [15, 3] = -dE/dx,
+    differentiable when training, nothing left in .grad
     """
     name = "energy_and_forces"
     device = as_device(device)

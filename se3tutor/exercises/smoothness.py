@@ -61,7 +61,9 @@ def check_smooth_cutoff(cutoff: Callable, device: Device = None) -> None:
 
     >>> from se3tutor.radial import smooth_cutoff
     >>> check_smooth_cutoff(smooth_cutoff)  # doctest: +ELLIPSIS
-    ✓ smooth_cutoff is correct: 0 at and beyond max_radius, ...; it is the book's c(r)
+    ✓ smooth_cutoff is correct: 0 at and beyond max_radius, value and every
+    derivative checked (up to the 2nd) vanish there, finite gradients; it is the
+    book's c(r)
     """
     name = "smooth_cutoff"
     device = as_device(device)

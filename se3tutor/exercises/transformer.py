@@ -24,6 +24,7 @@ from se3tutor.exercises._common import (
     Device,
     as_device,
     call,
+    changed_output_problem,
     check_tensor,
     close,
     equivariance_problem,
@@ -31,6 +32,7 @@ from se3tutor.exercises._common import (
     largest_difference,
     matching_mistake,
     passed,
+    report,
     scale_of,
     seeded,
 )
@@ -147,7 +149,8 @@ def check_equivariant(
 
     >>> model = SE3Transformer("1x0e", "8x0e + 8x1o", "1x1o", max_radius=1.5, num_layers=1)
     >>> check_equivariant(model, "1x0e", "1x1o")  # doctest: +ELLIPSIS
-    ✓ SE3Transformer is equivariant: translations, rotations, inversion and permutations...
+    ✓ SE3Transformer is equivariant: translations, rotations, inversion and
+    permutations of 12 points, within 1e-4 of the largest output
     """
     name = getattr(model, "__name__", type(model).__name__)
     device = as_device(device)
@@ -168,7 +171,10 @@ def check_equivariant(
         )
         if float(out.abs().max()) == 0:
             raise fail(name, "Its output is always 0, which is equivariant, but useless.")
-        if close(call(model, name, f.clone(), moved), out, 1e-6):
+        out_moved = call(model, name, f.clone(), moved)
+        if not (isinstance(out_moved, torch.Tensor) and out_moved.shape == out.shape):
+            raise fail(name, changed_output_problem("Moving the points a little", out_moved, out))
+        if close(out_moved, out, 1e-6):
             raise fail(
                 name,
                 "Its output does not change when the points move: it does not use the geometry.",
@@ -179,7 +185,7 @@ def check_equivariant(
         )
     if problem is not None:
         raise fail(name, problem)
-    print(
+    report(
         f"\u2713 {name} is equivariant: translations, rotations, inversion and permutations of "
         f"{num_nodes} points, within 1e-4 of the largest output"
     )
