@@ -506,9 +506,12 @@ def check_graph_inputs(
 
     Checks ``f: [num_nodes, irreps_in.dim]``, ``pos: [num_nodes, 3]``, ``edge_index:
     [2, num_edges]`` (integer), ``batch: [num_nodes]``, and that all live on one device with
-    the dtype of the module's parameters. Raises ``ValueError`` for a wrong shape and
-    ``TypeError`` for a wrong dtype or device (the one type for both everywhere in se3tutor),
-    naming the argument. (Index ranges are not checked here: that would cost a device sync.)
+    the dtype of the module's parameters, and that every entry of ``edge_index`` is a node,
+    in ``[0, num_nodes)``. Raises ``ValueError`` for a wrong shape or value and ``TypeError``
+    for a wrong dtype or device (the one type for both everywhere in se3tutor), naming the
+    argument. The range check costs one reduction and one device sync (``SE3Transformer``
+    runs these checks eagerly, outside what ``torch.compile`` traces; in a layer compiled as
+    a whole, the sync is a graph break).
     """
     if not isinstance(f, torch.Tensor):
         raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
@@ -543,3 +546,12 @@ def check_graph_inputs(
             )
         if edge_index.device != pos.device:
             raise TypeError(f"edge_index is on {edge_index.device} but pos is on {pos.device}")
+        if edge_index.numel() > 0:
+            # A negative index would silently take a node from the end; one too large would
+            # fail deep inside, with an IndexError that names no argument.
+            low, high = torch.stack(torch.aminmax(edge_index)).tolist()  # one sync
+            if low < 0 or high >= pos.shape[0]:
+                raise ValueError(
+                    f"edge_index must hold node indices in [0, {pos.shape[0]}), got "
+                    f"{low if low < 0 else high}"
+                )

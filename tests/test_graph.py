@@ -258,3 +258,22 @@ def test_on_cuda_the_radius_graph_is_the_cell_list_unless_a_call_asks(monkeypatc
     assert _radius_graph_backend(None, torch.device("cpu")) == "torch"
     if importlib.util.find_spec("torch_cluster"):
         assert _radius_graph_backend("pyg", torch.device("cuda")) == "pyg"  # asked for
+
+
+@pytest.mark.parametrize("bad_entry", [10, -1], ids=["too large", "negative"])
+def test_an_edge_index_out_of_range_is_refused_by_name(bad_entry):
+    # A negative index would silently pick a node from the end; one too large fails deep inside.
+    from se3tutor import Convolution, SE3Transformer
+
+    pos, f = torch.randn(10, 3), torch.randn(10, 4)
+    edge_index = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    edge_index[0, 1] = bad_entry
+    message = rf"edge_index must hold node indices in \[0, 10\), got {bad_entry}"
+    transformer = SE3Transformer("4x0e", "8x0e + 4x1o", "1x0e", max_radius=2.0, num_layers=1)
+    with pytest.raises(ValueError, match=message):
+        transformer(f, pos, edge_index=edge_index)
+    convolution = Convolution("4x0e", "4x0e", "1x0e + 1x1o", 8, max_radius=2.0, num_neighbors=2)
+    with pytest.raises(ValueError, match=message):
+        convolution(f, pos, edge_index=edge_index)
+    edge_index[0, 1] = 9
+    assert transformer(f, pos, edge_index=edge_index).shape == (10, 1)  # in range: accepted

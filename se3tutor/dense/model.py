@@ -36,6 +36,11 @@ Where the behaviour differs on purpose:
   through the distances);
 - ``max_sparse_neighbors`` keeps the *nearest* adjacent nodes (0.9.0 samples them at random);
 - masked nodes (``mask == False``) are left out of the graph; their outputs are zero;
+- outputs of degree ``l > 0`` start at a tenth of e3nn's scale (``READOUT_INIT_SCALE``,
+  unless ``norm_out``), so that ``coors + model(...)`` of a fresh model nudges the atoms;
+- ``edges`` per node, ``[b, n]`` tokens or ``[b, n, edge_dim]`` values, give the edge
+  ``i <- j`` node ``j``'s entry for every ``b`` (0.9.0 does so for ``b = 1``, by
+  broadcasting, and fails for ``b > 1``);
 - ``use_null_kv``: the null key and value are learned only in their ``0e`` part (0.9.0
   learns them for every degree, which a rotation would change once they are nonzero), and
   start from e3nn's random initialisation, not from zero;
@@ -82,6 +87,7 @@ conversions between the dense batch and the graph.)
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional, Union
 
 import torch
@@ -115,6 +121,13 @@ __all__ = ["SE3Transformer"]
 
 # 0.9.0's rotary_rel_dist rotates by 100 r_ij: one unit of length is 100 sequence positions.
 ROTARY_DISTANCE_SCALE = 100.0
+
+# The readout's weights into the outputs of degree l > 0 start at this fraction of e3nn's
+# initialisation. Type-1 outputs are added to coordinates (``coors + model(...)``): at e3nn's
+# scale a fresh model moved the atoms of the README's example by 1.9 units on average, 0.9.0
+# by 0.5 (same keywords and inputs, 5 seeds); at a tenth, by 0.19 (tested). Training sets the
+# scale from there on; with ``norm_out`` the norm sets it, and the weights are left as they are.
+READOUT_INIT_SCALE = 0.1
 
 
 def _irreps_of_degrees(channels: dict[int, int], both_parities: bool) -> o3.Irreps:
@@ -160,6 +173,60 @@ def _check_keywords(
         raise NotImplementedError("reversible with rotary embeddings is not implemented yet")
     if splits < 1 or num_conv_layers < 0:
         raise ValueError(f"need splits >= 1, num_conv_layers >= 0; got {splits}, {num_conv_layers}")
+
+
+def _is_count(value, minimum: int = 1) -> bool:
+    """``value`` is an integer (Python's or numpy's, not a bool) of at least ``minimum``."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= minimum
+    except TypeError:
+        return False
+
+
+def _check_sizes(
+    *, dim, heads, dim_head, depth, input_degrees, num_degrees, output_degrees, dim_in, dim_out,
+    hidden_fiber_dict, out_fiber_dict,
+) -> None:  # fmt: skip
+    """Refuse sizes and degrees that are not counts, naming the keyword (e3nn's and Python's
+    own errors, raised later from deep inside, name none)."""
+    counts = dict(
+        dim=dim, heads=heads, dim_head=dim_head, input_degrees=input_degrees,
+        num_degrees=num_degrees, output_degrees=output_degrees, dim_out=dim_out,
+    )  # fmt: skip
+    for name, value in counts.items():
+        if value is not None and not _is_count(value):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not _is_count(depth, 0):
+        raise ValueError(f"depth must be an integer >= 0, got {depth!r}")
+    if dim_in is not None and not (
+        _is_count(dim_in)
+        or (isinstance(dim_in, tuple) and dim_in and all(_is_count(d) for d in dim_in))
+    ):
+        raise ValueError(
+            f"dim_in must be an integer >= 1, or a tuple of them (one per input degree), got "
+            f"{dim_in!r}"
+        )
+    for name, fiber in (
+        ("hidden_fiber_dict", hidden_fiber_dict),
+        ("out_fiber_dict", out_fiber_dict),
+    ):
+        if fiber is not None and not (
+            isinstance(fiber, dict)
+            and fiber
+            and all(_is_count(l, 0) and _is_count(mul) for l, mul in fiber.items())
+        ):
+            raise ValueError(
+                f"{name} must map degrees (integers >= 0) to channels (integers >= 1), such as "
+                f"{{0: 16, 1: 8}}, got {fiber!r}"
+            )
+
+
+@torch.no_grad()
+def _scale_readout(readout: o3.Linear, scale: float) -> None:
+    """Multiply the weights of ``readout`` into its outputs of degree ``l > 0`` by ``scale``."""
+    for _, instruction, weight in readout.weight_views(yield_instruction=True):
+        if readout.irreps_out[instruction.i_out].ir.l > 0:
+            weight.mul_(scale)  # a view of readout.weight
 
 
 def _output_channels(hidden, out_fiber_dict, output_degrees, dim_out, reduce_dim_out) -> dict:
@@ -279,6 +346,11 @@ class SE3Transformer(torch.nn.Module):
             rotary=rotary_position or rotary_rel_dist, splits=splits,
             num_conv_layers=num_conv_layers,
         )  # fmt: skip
+        _check_sizes(
+            dim=dim, heads=heads, dim_head=dim_head, depth=depth, input_degrees=input_degrees,
+            num_degrees=num_degrees, output_degrees=output_degrees, dim_in=dim_in,
+            dim_out=dim_out, hidden_fiber_dict=hidden_fiber_dict, out_fiber_dict=out_fiber_dict,
+        )  # fmt: skip
         dims_in = dim_in if isinstance(dim_in, tuple) else (dim_in or dim,) * input_degrees
         self.dims_in = dims_in
         self.dim = dim
@@ -350,6 +422,8 @@ class SE3Transformer(torch.nn.Module):
             stem=[functools.partial(ConvolutionBlock, norm=norm)] * (num_conv_layers + use_egnn),
         )
         self.norm = norm(self.irreps_degrees) if norm_out else None
+        if not norm_out:
+            _scale_readout(self.net.readout, READOUT_INIT_SCALE)
 
     def forward(
         self,
@@ -366,7 +440,8 @@ class SE3Transformer(torch.nn.Module):
         """``feats``: ``[b, n, dim]`` type-0 features, ``[b, n]`` token ids (``num_tokens``),
         or ``{"0": [b, n, d, 1], "1": [b, n, d, 3], ...}``; ``coors [b, n, 3]``;
         ``mask [b, n]`` (``True`` = a real node); ``adj_mat [b, n, n]`` or ``[n, n]``;
-        ``edges [b, n, n]`` tokens or ``[b, n, n, edge_dim]``; ``neighbor_mask [b, n, n]``
+        ``edges [b, n, n]`` tokens or ``[b, n, n, edge_dim]`` values, or per node ``[b, n]``
+        or ``[b, n, edge_dim]`` (the edge ``i <- j`` gets node ``j``'s); ``neighbor_mask [b, n, n]``
         (``False`` = may not attend). Pair tensors are indexed ``[b, i, j]``: node ``i``
         attends to node ``j``.
 
@@ -389,7 +464,7 @@ class SE3Transformer(torch.nn.Module):
         pos = coors.reshape(b * n, 3)
         batch = torch.arange(b, device=pos.device).repeat_interleave(n)
         adjacency = self._adjacency(adj_mat, b, n, pos.device)
-        self._check_edges(edges)
+        edges = self._pair_edges(edges, b, n)
         if neighbor_mask is not None and neighbor_mask.shape != (b, n, n):
             raise ValueError(f"neighbor_mask must be [b, n, n], got {tuple(neighbor_mask.shape)}")
         edge_index, graph, i, j = select_neighbors(
@@ -485,13 +560,37 @@ class SE3Transformer(torch.nn.Module):
             raise ValueError(f"adj_mat must be [b, n, n] or [n, n], got {tuple(adj_mat.shape)}")
         return adjacency_degrees(adj_mat.to(device), self.num_adj_degrees or 1)
 
-    def _check_edges(self, edges) -> None:
+    def _pair_edges(self, edges, b: int, n: int) -> Optional[torch.Tensor]:
+        """``edges`` per pair: ``[b, n, n]`` tokens or ``[b, n, n, edge_dim]`` values. Given
+        per node (``[b, n]`` tokens, ``[b, n, edge_dim]`` values), the edge ``i <- j`` gets
+        node ``j``'s entry, as 0.9.0 reads ``[1, n]`` by broadcasting (it fails for ``b > 1``).
+        """
         if self.edge_dim and edges is None:
             raise ValueError("the model was built with edge_dim: pass edges")
         if not self.edge_dim and edges is not None:
             raise ValueError("edges given, but the model was built without edge_dim")
-        if edges is not None and self.edge_emb is None and edges.shape[-1] != self.edge_dim:
-            raise ValueError(f"edges must be [b, n, n, {self.edge_dim}]")
+        if edges is None:
+            return None
+        if not isinstance(edges, torch.Tensor):
+            raise TypeError(f"edges must be a torch.Tensor, got {type(edges).__name__}")
+        if self.edge_emb is not None:
+            if edges.dtype not in (torch.int32, torch.int64):
+                raise TypeError(
+                    f"edges must be integer token ids (the model has num_edge_tokens), got "
+                    f"{edges.dtype}"
+                )
+            pair, node, names = (b, n, n), (b, n), ("[b, n, n]", "[b, n]")
+        else:
+            pair, node = (b, n, n, self.edge_dim), (b, n, self.edge_dim)
+            names = (f"[b, n, n, {self.edge_dim}]", f"[b, n, {self.edge_dim}]")
+        if edges.shape == node:
+            edges = edges.unsqueeze(1).expand(pair)  # a view: node j's entry for every i
+        if edges.shape != pair:
+            raise ValueError(
+                f"edges must be {names[0]} = {list(pair)} or, per node, {names[1]} = "
+                f"{list(node)}; got {list(edges.shape)}"
+            )
+        return edges
 
     def _edge_rotary(self, pos, edge_index, i, j) -> Optional[torch.Tensor]:
         """``[num_edges, k]``: the relative positions of the rotary embeddings, ``j - i`` and

@@ -12,6 +12,8 @@ them:
 - :mod:`se3tutor.train.model`: the model, built, saved and loaded (:func:`load_model`),
   compiled for evaluation, and evaluated (:func:`evaluate`)
 - :mod:`se3tutor.train.checkpoint`: atomic, checksummed checkpoints and random states
+- :mod:`se3tutor.train.resume`: which checkpoint a run continues from, and more epochs for a
+  finished run
 - :mod:`se3tutor.train.runlog`: the JSON-lines log, console lines, progress bar, plots
 - :mod:`se3tutor.train.distributed`: torch.distributed start-up for ``torchrun``
 """

@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "load_latest_checkpoint",
+    "newest_intact_checkpoint",
     "random_states",
     "read_checkpoint",
     "save_checkpoint",
@@ -43,14 +44,19 @@ __all__ = [
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either its old or its new content,
     whenever the process dies: temporary file in the same directory, ``fsync``,
-    ``os.replace``, then ``fsync`` of the directory (which makes the rename durable)."""
+    ``os.replace``, then ``fsync`` of the directory (which makes the rename durable). A write
+    that fails (``OSError``: a full disk) removes its temporary file and raises."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # a full disk (OSError), or Ctrl-C: no partial file is left
+        temporary.unlink(missing_ok=True)
+        raise
     if os.name == "posix":  # directories cannot be opened for fsync on Windows
         directory = os.open(path.parent, os.O_RDONLY)
         try:
@@ -67,7 +73,9 @@ def _checkpoints(directory: Path) -> list:
 def save_checkpoint(state: dict, directory, step: int, keep: int = 2) -> Path:
     """Save ``state`` as the checkpoint of ``step`` in ``directory``, then keep it and the
     ``keep - 1`` newest older ones that are intact; delete the others (corrupt ones too, which
-    would otherwise count as kept and push the last good one out). Returns the ``.pt`` path."""
+    would otherwise count as kept and push the last good one out). Returns the ``.pt`` path.
+    A write that fails (``OSError``: a full disk) leaves no file of this step, and the older
+    checkpoints as they were."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     directory = Path(directory)
@@ -78,7 +86,11 @@ def save_checkpoint(state: dict, directory, step: int, keep: int = 2) -> Path:
     path.with_suffix(".json").unlink(missing_ok=True)  # saved again: uncommit the old one first
     write_atomically(path, payload)
     manifest = {"step": step, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    write_atomically(path.with_suffix(".json"), json.dumps(manifest).encode())
+    try:
+        write_atomically(path.with_suffix(".json"), json.dumps(manifest).encode())
+    except BaseException:  # uncommitted: of no use, and it holds space a full disk lacks
+        path.unlink(missing_ok=True)
+        raise
     older = [old for old in reversed(_checkpoints(directory)) if old != path]
     intact = [old for old in older if _is_intact(old)][: keep - 1]
     for old in older:
@@ -110,6 +122,12 @@ def _is_intact(path: Path) -> bool:
     except (ValueError, KeyError, OSError):
         return False
     return True
+
+
+def newest_intact_checkpoint(directory) -> Optional[Path]:
+    """The ``.pt`` path of the newest checkpoint in ``directory`` that matches its manifest
+    (checked, not loaded), or ``None``."""
+    return next((path for path in reversed(_checkpoints(directory)) if _is_intact(path)), None)
 
 
 def read_checkpoint(path) -> dict:

@@ -24,6 +24,7 @@ __all__ = [
     "Stopped",
     "TrainConfig",
     "TrainingError",
+    "WriteError",
     "check_config",
     "config_from_args",
     "parser",
@@ -66,7 +67,13 @@ class TrainConfig:
     num_heads: int = _option(2, "attention heads", "model")
     max_radius: float = _option(4.5, "cutoff radius, Å", "model")
     # training
-    epochs: int = _option(20, "passes over the training structures", "training")
+    epochs: int = _option(
+        20,
+        "passes over the training structures; more than a finished run in --out had: that run "
+        "goes on for the extra epochs, the learning rate's cosine decay started again from "
+        "--lr (which may then differ from the run's)",
+        "training",
+    )
     batch_size: int = _option(16, "structures per step, over all processes", "training")
     lr: float = _option(2e-2, "Adam's learning rate, decaying to 0 along a cosine", "training")
     force_weight: float = _option(
@@ -89,7 +96,12 @@ class TrainConfig:
     log_every: int = _option(10, "steps between 'step' records of the log", "run")
     checkpoint_every: int = _option(100, "steps between checkpoints", "run")
     resume: bool = _option(True, "continue from the last intact checkpoint in --out, if any", "run")
-    progress: bool = _option(True, "show a progress bar", "run")
+    progress: bool = _option(
+        True,
+        "show a progress bar when stderr is a terminal (else, and with --no-progress: a line "
+        "with the loss and speed at each logged step)",
+        "run",
+    )
 
 
 # Options that change how a run is carried out, not what it computes: a run may resume with
@@ -107,6 +119,11 @@ class SetupError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or parameters); nothing bad was saved."""
+
+
+class WriteError(RuntimeError):
+    """The log, a checkpoint or the model could not be written (a full disk, say); nothing
+    half-written is left, and the last checkpoint is intact."""
 
 
 class Stopped(RuntimeError):

@@ -16,14 +16,26 @@ Adam with a cosine decay); around them this module adds what a longer run needs:
   (:func:`se3tutor.data.check_structures`), a bad one named in the error;
 - **a validation set** (``--validation-fraction``): energy MAE per atom and force MAE and RMSE
   after every epoch;
-- **a log**, ``OUT/log.jsonl``, one JSON record a line (``"event"``: ``start``, ``step`` every
-  ``--log-every`` steps, ``epoch``, ``checkpoint``, ``resume``, ``end``), which
-  :func:`plot_log` draws; a progress bar with the loss and the structures per second
-  (:mod:`se3tutor.train.runlog`);
+- **a log**, ``OUT/log.jsonl``, one JSON record a line (``"event"``: ``start``, ``step`` at
+  step 1 and every ``--log-every`` steps, ``epoch``, ``checkpoint``, ``resume``, ``extend``,
+  ``end``), each with its time (UTC) and the seconds since the process started; the first of
+  each process (``start``, ``resume``) with the versions of se3tutor, torch, e3nn and Python.
+  :func:`plot_log` draws it. Epochs are numbered from 1, in the log as on the console. In a
+  terminal, a progress bar with the loss and the structures per second from the first step;
+  elsewhere, plain lines with the same numbers (:mod:`se3tutor.train.runlog`);
 - **checkpoints** every ``--checkpoint-every`` steps and at the end
   (:mod:`se3tutor.train.checkpoint`): a run that is killed and started again with the same
   command continues where its last checkpoint was, and ends with the parameters that an
-  uninterrupted run ends with, to the bit (on a CPU with one thread);
+  uninterrupted run ends with, to the bit (on a CPU with one thread). **More epochs**: the
+  same command with a larger ``--epochs`` extends a finished run (it says so, and logs an
+  ``extend`` record): the extra epochs restart the learning rate's cosine decay, from
+  ``--lr`` to 0 over the new steps (``--lr`` may differ from the run's: a smaller one disturbs
+  the trained model less), and keep Adam's moments (so the result is not that of a run
+  started with the larger ``--epochs``, whose decay would be longer). Another
+  ``--epochs`` for an unfinished run, or fewer for a finished one, is refused;
+- **a full disk** (or any failure to write the log, a checkpoint or the model) ends the run
+  with exit status 2 and a message naming the file; nothing half-written is left, and the
+  last checkpoint is intact, to continue from;
 - **several processes** under ``torchrun`` (:mod:`se3tutor.train.distributed`): each takes a
   shard of every global batch of ``--batch-size`` structures, and the steps are those of one
   process;
@@ -42,7 +54,8 @@ From Python, :func:`fit` takes a :class:`TrainConfig` (and optionally a list of 
 and returns the trained model; :func:`main` is the command line.
 
 (Over 400 lines, on purpose: one run from start to end, read top to bottom, as nanoGPT's
-``train.py``; the options, checkpoints, log and processes are in the sibling modules.)
+``train.py``; the options, checkpoints, resumption, log and processes are in the sibling
+modules.)
 """
 
 from __future__ import annotations
@@ -56,7 +69,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,20 +87,19 @@ from se3tutor.potential import (
 )
 from se3tutor.train import distributed
 from se3tutor.train.checkpoint import (
-    load_latest_checkpoint,
+    newest_intact_checkpoint,
     random_states,
-    read_checkpoint,
     save_checkpoint,
     set_random_states,
     write_atomically,
 )
 from se3tutor.train.config import (
     DTYPES,
-    HOW_NOT_WHAT,
     SetupError,
     Stopped,
     TrainConfig,
     TrainingError,
+    WriteError,
     check_config,
     config_from_args,
 )
@@ -99,7 +110,15 @@ from se3tutor.train.model import (
     evaluate,
     model_options,
 )
-from se3tutor.train.runlog import RunLog, console, epoch_summary, progress_bar
+from se3tutor.train.resume import checkpoint_to_resume, restarted_schedule
+from se3tutor.train.runlog import (
+    RunLog,
+    console,
+    epoch_summary,
+    progress_bar,
+    step_line,
+    versions,
+)
 
 __all__ = ["fit", "main"]
 
@@ -116,7 +135,10 @@ class _Session:
     trained: torch.nn.Module  # the model, wrapped in DistributedDataParallel for several
     log: RunLog
     bar: object  # the progress bar (se3tutor.train.runlog.progress_bar)
+    say: object  # a line on the console (se3tutor.train.runlog.console)
     data_sha256: str  # se3tutor.data.fingerprint of the structures, checked on resume
+    start_step: int  # the step this process started from (0, or that of its checkpoint)
+    total_steps: int  # of the whole run
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # by SIGTERM
 
     def as_batch(self, structures: Sequence) -> dict:
@@ -202,54 +224,11 @@ class _Run:
         set_random_states(state["random"])
 
 
-def _checkpoint_to_resume(
-    config: TrainConfig, out: Path, processes, data_sha256: str
-) -> Optional[tuple]:
-    """``(state, path)`` of the checkpoint to resume from, or ``None`` to start afresh. The
-    main process chooses, and the others read the file it chose: each choosing for itself,
-    processes on several machines could see different files and resume at different steps."""
-    if not config.resume:
-        if any(out.glob("checkpoint-*.pt")):
-            raise SetupError(f"{out} holds checkpoints but resume is off: choose another out")
-        return None
-    decision = None
-    if processes.is_main:
-        found = load_latest_checkpoint(out)
-        refusal = None
-        if found is None and any(out.glob("checkpoint-*.pt")):
-            refusal = (
-                f"every checkpoint in {out} is corrupt or incomplete (see the warnings): move "
-                "them away to start over, or choose another out"
-            )
-        decision = (found[1].name if found else None, refusal)
-    chosen, refusal = distributed.from_main(decision)  # every process stops alike
-    if refusal is not None:
-        raise SetupError(refusal)
-    if chosen is not None and not processes.is_main:
-        found = read_checkpoint(out / chosen), out / chosen
-    elif chosen is None:
-        found = None
-    if found is not None:
-        saved, now = found[0]["config"], asdict(config)
-        changed = [key for key in now if key not in HOW_NOT_WHAT and saved[key] != now[key]]
-        if changed:
-            raise SetupError(
-                f"{found[1]} was written by a run with other {', '.join(changed)}: "
-                f"{ {key: saved[key] for key in changed} }; use the same options, or another out"
-            )
-        if found[0]["data_sha256"] != data_sha256:
-            raise SetupError(
-                f"{found[1]} was written by a run on other data (their contents differ from "
-                f"{config.data}'s, whatever the file name): use the same data, or another out"
-            )
-        if found[0]["graph_backends"] != available_backends():
-            warnings.warn(
-                f"{found[1]} was written with the graph backends {found[0]['graph_backends']}, "
-                f"this run has {available_backends()}: equal results up to rounding, but not "
-                "bit for bit",
-                stacklevel=2,
-            )
-    return found
+def _what_is_intact(out: Path) -> str:
+    newest = newest_intact_checkpoint(out)
+    if newest is None:
+        return "no checkpoint was saved yet: free some space, then run the same command"
+    return f"{newest} is intact: free some space, then run the same command to continue"
 
 
 def fit(config: TrainConfig, structures: Optional[Sequence] = None) -> EnergyModel:
@@ -311,6 +290,8 @@ def _fit(config, processes, training, validation) -> EnergyModel:
         raise SetupError(refusal)
     try:
         return _fit_locked(config, processes, training, validation, out)
+    except WriteError as error:
+        raise WriteError(f"{error}; {_what_is_intact(out)}") from None
     finally:
         if lock is not None:
             lock.close()
@@ -326,61 +307,95 @@ def _fit_locked(config, processes, training, validation, out: Path) -> EnergyMod
     run = _Run(model, optimizer, schedule, torch.Generator().manual_seed(config.seed))
 
     data_sha256 = fingerprint(training + validation)
-    found = _checkpoint_to_resume(config, out, processes, data_sha256)
+    found = checkpoint_to_resume(config, out, processes, data_sha256)
     if found is None:
         fit_reference_energies(model, training)
     else:
         run.load_state_dict(found[0])
     log = RunLog(out / "log.jsonl", processes.is_main, cut_to=found[0]["log_bytes"] if found else 0)
+    try:
+        _start_or_resume(config, processes, run, log, found, len(training), len(validation), out)
+        if processes.world_size > 1:  # averages the gradients in backward
+            trained = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            trained = model
+        evaluation_model = compile_for_inference(model) if config.compile else model
+        bar = progress_bar(total_steps, run.step, config.progress and processes.is_main)
+        say = console(processes)
+        session = _Session(
+            config, processes, species, trained, log, bar, say, data_sha256, run.step, total_steps
+        )
+        with _stop_on_sigterm(session.stop):
+            _train_epochs(run, session, training, validation, evaluation_model)
+        model.eval()
+        finished_before = found is not None and found[0]["epoch"] >= config.epochs
+        _check_finite(model, run.step)
+        if processes.is_main:
+            if not finished_before:
+                _save_checkpoint(run, session)
+            _save_model(model, options, config.dtype, out)
+            log.write("end", step=run.step)
+            say(f"trained model: {out / 'model.pt'} (se3tutor.train.load_model reads it back)")
+    finally:
+        log.close()
+    return model
+
+
+def _start_or_resume(config, processes, run, log, found, num_training, num_validation, out):
+    """The first records of the log and lines on the console: a new run, a resumed one, or a
+    finished one that more epochs extend (its learning-rate schedule started again)."""
     say = console(processes)
     if found is None:
         log.write(
             "start",
+            versions=versions(),
             world_size=processes.world_size,
             config=asdict(config),
-            num_training=len(training),
-            num_validation=len(validation),
+            num_training=num_training,
+            num_validation=num_validation,
         )
-        parameters = sum(p.numel() for p in model.parameters())
+        parameters = sum(p.numel() for p in run.model.parameters())
         say(
-            f"training on {len(training)} structures, validating on {len(validation)}; "
+            f"training on {num_training} structures, validating on {num_validation}; "
             f"{parameters:,} parameters; {processes.world_size} process(es) on "
             f"{processes.device}; log, checkpoints and model in {out}"
         )
+        return
+    log.write(
+        "resume",
+        versions=versions(),  # this process's, which may differ from the start's
+        step=run.step,
+        file=found[1].name,
+        world_size=processes.world_size,
+    )
+    before = found[0]["config"]["epochs"]
+    if before < config.epochs:  # finished (check_epochs): more epochs extend it
+        new_steps = (config.epochs - before) * steps_per_epoch(num_training, config.batch_size)
+        run.schedule = restarted_schedule(run.optimizer, config.lr, new_steps)
+        log.write("extend", step=run.step, from_epochs=before, epochs=config.epochs)
+        say(
+            f"extending the finished run of {before} epoch{'s' if before > 1 else ''} to "
+            f"{config.epochs} epochs ({found[1]}, step {run.step}): {new_steps} more steps, "
+            f"the learning rate's cosine decay from {config.lr:g} to 0 started again"
+        )
+    elif run.epoch < config.epochs:
+        say(f"resuming from {found[1]} at step {run.step} (epoch {run.epoch + 1})")
     else:
-        log.write("resume", step=run.step, file=found[1].name, world_size=processes.world_size)
-        if run.epoch < config.epochs:
-            say(f"resuming from {found[1]} at step {run.step} (epoch {run.epoch + 1})")
-        else:
-            say(f"{found[1]} ends the run (step {run.step}): nothing left to train")
+        say(f"{found[1]} ends the run (step {run.step}): nothing left to train")
 
-    if processes.world_size > 1:  # averages the gradients in backward
-        trained = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        trained = model
-    evaluation_model = compile_for_inference(model) if config.compile else model
-    bar = progress_bar(total_steps, run.step, config.progress and processes.is_main)
-    session = _Session(config, processes, species, trained, log, bar, data_sha256)
-    with _stop_on_sigterm(session.stop):
-        _train_epochs(run, session, training, validation, evaluation_model, say)
-    model.eval()
-    finished_before = found is not None and found[0]["epoch"] >= config.epochs
-    _check_finite(model, run.step)
-    if processes.is_main:
-        if not finished_before:
-            _save_checkpoint(run, session)
-        state_dict = {key: value.cpu() for key, value in model.state_dict().items()}
-        saved = {"options": options, "dtype": config.dtype, "state_dict": state_dict}
-        buffer = io.BytesIO()
-        torch.save(saved, buffer)
+
+def _save_model(model: EnergyModel, options: dict, dtype: str, out: Path) -> None:
+    """``out/model.pt``, which :func:`se3tutor.train.load_model` reads back."""
+    state_dict = {key: value.cpu() for key, value in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"options": options, "dtype": dtype, "state_dict": state_dict}, buffer)
+    try:
         write_atomically(out / "model.pt", buffer.getvalue())
-        log.write("end", step=run.step)
-        say(f"trained model: {out / 'model.pt'} (se3tutor.train.load_model reads it back)")
-    log.close()
-    return model
+    except OSError as error:
+        raise WriteError(f"cannot write the model {out / 'model.pt'}: {error}") from None
 
 
-def _train_epochs(run, session, training, validation, evaluation_model, say) -> None:
+def _train_epochs(run, session, training, validation, evaluation_model) -> None:
     """The epochs from ``run.epoch`` on, each followed by a validation and its log lines."""
     config, model, log, bar = session.config, run.model, session.log, session.bar
     while run.epoch < config.epochs:
@@ -391,8 +406,9 @@ def _train_epochs(run, session, training, validation, evaluation_model, say) -> 
                 evaluation_model.load_state_dict(model.state_dict())
             metrics = evaluate(evaluation_model, validation, config.batch_size, session.processes)
         train_loss = run.epoch_loss / len(training)
-        log.write("epoch", epoch=run.epoch, step=run.step, train_loss=train_loss, **metrics)
-        say(epoch_summary(run.epoch, config.epochs, train_loss, metrics), bar)
+        number = run.epoch + 1  # from 1, in the log as on the console
+        log.write("epoch", epoch=number, step=run.step, train_loss=train_loss, **metrics)
+        session.say(epoch_summary(number, config.epochs, train_loss, metrics), bar)
         run.epoch, run.batch, run.order, run.epoch_loss = run.epoch + 1, 0, None, 0.0
     bar.close()
 
@@ -434,13 +450,13 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
             )
         run.epoch_loss += loss * len(batch)
         window_structures += len(batch)
-        session.bar.update()
-        if run.step % config.log_every == 0:
-            speed = window_structures / (time.perf_counter() - window_start)
+        speed = window_structures / (time.perf_counter() - window_start)
+        logged = run.step == 1 or run.step % config.log_every == 0
+        if logged:
             session.log.write(
                 "step",
                 step=run.step,
-                epoch=run.epoch,
+                epoch=run.epoch + 1,
                 loss=loss,
                 energy_term=energy_term,
                 force_term=force_term,
@@ -448,7 +464,10 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
                 gradient_norm=float(_gradient_norm(run.model)),
                 structures_per_s=speed,
             )
-            session.bar.set_postfix(loss=f"{loss:.4g}", structures_per_s=f"{speed:.1f}")
+        _show_step(
+            run, session, loss, speed, first=run.step == session.start_step + 1, logged=logged
+        )
+        if logged:
             window_start, window_structures = time.perf_counter(), 0
         last = run.epoch == config.epochs - 1 and run.batch == num_batches  # saved after
         if stop:
@@ -458,6 +477,21 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
             raise Stopped(f"stopped by SIGTERM after step {run.step}, its checkpoint saved")
         if run.step % config.checkpoint_every == 0 and session.processes.is_main and not last:
             _save_checkpoint(run, session)
+
+
+def _show_step(
+    run: _Run, session: _Session, loss: float, speed: float, first: bool, logged: bool
+) -> None:
+    """The loss and speed on the console from the first step on: on the progress bar after
+    every step, or without one, a line at the steps the log records and at this process's
+    first."""
+    bar = session.bar
+    bar.update()
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.4g}", structures_per_s=f"{speed:.1f}")
+    elif logged or first:
+        epochs = session.config.epochs
+        session.say(step_line(run.step, session.total_steps, run.epoch + 1, epochs, loss, speed))
 
 
 def _check_finite(model: EnergyModel, step: int) -> None:
@@ -480,18 +514,23 @@ def _save_checkpoint(run: _Run, session: _Session) -> None:
         "data_sha256": session.data_sha256,
         "graph_backends": available_backends(),
     }
-    path = save_checkpoint(state, Path(config.out), run.step)
+    try:
+        path = save_checkpoint(state, Path(config.out), run.step)
+    except OSError as error:  # a full disk: save_checkpoint left no file of this step
+        message = f"cannot write the checkpoint of step {run.step} in {config.out}: {error}"
+        raise WriteError(message) from None
     log.write("checkpoint", step=run.step, file=path.name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: ``python -m se3tutor.train --help``. Returns the exit status, with
-    a message on stderr: 2 for bad data or options, 1 when training diverges, 143 after
-    SIGTERM (a checkpoint saved), 130 after Ctrl-C (SIGINT)."""
+    a message on stderr: 2 for bad data or options and when the log, a checkpoint or the model
+    cannot be written (a full disk), 1 when training diverges, 143 after SIGTERM (a checkpoint
+    saved), 130 after Ctrl-C (SIGINT)."""
     config = config_from_args(argv)
     try:
         fit(config)
-    except SetupError as error:
+    except (SetupError, WriteError) as error:
         print(f"se3tutor.train: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

@@ -1,32 +1,89 @@
 """What a training run of :mod:`se3tutor.train` shows and leaves behind: the log file
 ``log.jsonl`` (:class:`RunLog`, read back by :func:`read_log`, drawn by :func:`plot_log`), the
-lines on the console and the progress bar."""
+lines on the console and the progress bar.
+
+Epochs are numbered from 1, in the log as on the console (``epoch 1/20``); steps count from 1
+over the whole run. In a terminal, a progress bar shows the loss and the structures per
+second from the first step on; elsewhere (stderr a file or a pipe) there is no bar, whose
+``\\r`` frames would fill a file, and the same numbers come as plain lines on stdout, at the
+steps that the log records.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import sys
+import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["RunLog", "console", "epoch_summary", "plot_log", "progress_bar", "read_log"]
+from se3tutor.train.config import WriteError
+
+__all__ = [
+    "RunLog",
+    "console",
+    "epoch_summary",
+    "plot_log",
+    "progress_bar",
+    "read_log",
+    "step_line",
+    "versions",
+]
+
+
+def versions() -> dict:
+    """The versions a run depends on: se3tutor, torch, e3nn and Python."""
+    import e3nn
+    import torch
+
+    import se3tutor
+
+    return {
+        "se3tutor": se3tutor.__version__,
+        "torch": torch.__version__,
+        "e3nn": e3nn.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class RunLog:
-    """``log.jsonl``: one JSON record a line, written by the main process only.
+    """``log.jsonl``: one JSON record a line, written by the main process only. Every record
+    has its ``event``, its ``time`` (ISO 8601, UTC) and ``elapsed_s``, the seconds since this
+    process opened the log (a resumed run starts again from 0 at its ``resume`` record).
 
     A resumed run cuts the file back to the size its checkpoint recorded (``cut_to``), so that
-    the steps it repeats are not logged twice."""
+    the steps it repeats are not logged twice. A record that cannot be written whole (a full
+    disk) is taken back, and :class:`~se3tutor.train.config.WriteError` raised: the file holds
+    whole records only."""
 
     def __init__(self, path: Path, enabled: bool, cut_to: int) -> None:
-        self.file = open(path, "ab") if enabled else None
+        self.path = Path(path)
+        self.started = time.monotonic()
+        # Unbuffered: each record reaches the file in one write (a killed process leaves every
+        # record it wrote), and one that fails leaves nothing in a buffer to retry later.
+        self.file = open(path, "ab", buffering=0) if enabled else None
         if self.file:
             self.file.truncate(min(cut_to, self.size()))  # "ab": writes go to the (new) end
 
     def write(self, event: str, **record) -> None:
-        if self.file:
-            self.file.write((json.dumps({"event": event, **record}) + "\n").encode())
-            self.file.flush()  # a killed process leaves every record it wrote
+        if not self.file:
+            return
+        stamps = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+        }
+        line = (json.dumps({"event": event, **stamps, **record}) + "\n").encode()
+        size = self.size()
+        try:
+            written = 0
+            while written < len(line):  # a raw write may write less than it was given
+                written += self.file.write(line[written:])
+        except OSError as error:
+            self.file.truncate(size)  # no half record (truncating frees space, needs none)
+            raise WriteError(f"cannot write the log {self.path}: {error}") from None
 
     def size(self) -> int:
         return os.fstat(self.file.fileno()).st_size if self.file else 0
@@ -64,7 +121,7 @@ def plot_log(path):
     )
     loss_axes.set(xlabel="step", ylabel="training loss")
     loss_axes.legend()
-    epoch_numbers = [r["epoch"] + 1 for r in validated]
+    epoch_numbers = [r["epoch"] for r in validated]
     energy_axes.plot(epoch_numbers, [1000 * r["energy_mae_per_atom"] for r in validated], "o-")
     energy_axes.set(xlabel="epoch", ylabel="validation energy MAE (meV/atom)")
     force_axes.plot(epoch_numbers, [r["force_mae"] for r in validated], "o-", label="MAE")
@@ -89,8 +146,16 @@ def console(processes):
     return say
 
 
+def step_line(step: int, steps: int, epoch: int, epochs: int, loss: float, speed: float) -> str:
+    """The console's line for a step (when there is no progress bar); ``epoch`` from 1."""
+    return (
+        f"step {step}/{steps} (epoch {epoch}/{epochs}): loss {loss:.4g}, {speed:.1f} structures/s"
+    )
+
+
 def epoch_summary(epoch: int, epochs: int, train_loss: float, metrics: dict) -> str:
-    text = f"epoch {epoch + 1}/{epochs}: training loss {train_loss:.4g}"
+    """The console's line after epoch number ``epoch`` (from 1) of ``epochs``."""
+    text = f"epoch {epoch}/{epochs}: training loss {train_loss:.4g}"
     if metrics:
         text += (
             f"; validation energy MAE {1000 * metrics['energy_mae_per_atom']:.1f} meV/atom, "
@@ -115,9 +180,10 @@ class _NoProgressBar:
 
 
 def progress_bar(total_steps: int, done: int, enabled: bool):
-    """A tqdm progress bar of ``total_steps`` steps, ``done`` of them done (when ``enabled``
-    and tqdm is installed; otherwise one that shows nothing)."""
-    if not enabled:
+    """A tqdm progress bar of ``total_steps`` steps, ``done`` of them done, when ``enabled``,
+    stderr is a terminal and tqdm is installed; otherwise one that shows nothing (and whose
+    ``disable`` tells the loop to print plain lines instead)."""
+    if not (enabled and sys.stderr.isatty()):
         return _NoProgressBar()
     try:
         from tqdm.auto import tqdm

@@ -259,6 +259,7 @@ def test_plot_log_draws_the_loss_and_the_validation_errors(tmp_path):
 def test_without_tqdm_training_runs_and_says_there_is_no_progress_bar(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm: ImportError
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # where a bar would be shown
     config = TrainConfig(**TINY_CONFIG, epochs=1, batch_size=4, out=str(tmp_path))
     with pytest.warns(UserWarning, match="no progress bar: tqdm is not installed"):
         fit(config, emt_clusters(10, shells=(2,), seed=1))
