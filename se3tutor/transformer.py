@@ -81,6 +81,15 @@ def hidden_irreps(multiplicity: int, lmax: int, symmetry: str = "E3") -> o3.Irre
     return o3.Irreps([(multiplicity, (l, p)) for l in range(lmax + 1) for p in parities(l)])
 
 
+def _irreps(name: str, value) -> o3.Irreps:
+    """``o3.Irreps(value)``, or a ``ValueError`` that names the argument (e3nn's own names
+    none: ``"8x0e + 4x1q"`` gets "Invalid irreps_str")."""
+    try:
+        return o3.Irreps(value)
+    except (ValueError, AssertionError, TypeError) as error:
+        raise ValueError(f"{name}={value!r} are not irreps ({error})") from None
+
+
 class FeedForward(torch.nn.Module):
     r"""Per-node equivariant feed-forward block: :math:`W_2\, \mathrm{Gate}(W_1 f)`.
 
@@ -218,11 +227,11 @@ class SE3Transformer(torch.nn.Module):
                 f"need max_radius > 0, num_layers >= 0, num_heads >= 1; got {max_radius}, "
                 f"{num_layers}, {num_heads}"
             )
-        self.irreps_in = o3.Irreps(irreps_in)
-        self.irreps_hidden = o3.Irreps(irreps_hidden).simplify()
-        self.irreps_out = o3.Irreps(irreps_out)
+        self.irreps_in = _irreps("irreps_in", irreps_in)
+        self.irreps_hidden = _irreps("irreps_hidden", irreps_hidden).simplify()
+        self.irreps_out = _irreps("irreps_out", irreps_out)
         lmax = max(ir.l for _, ir in self.irreps_hidden)
-        self.irreps_sh = o3.Irreps(irreps_sh or o3.Irreps.spherical_harmonics(lmax))
+        self.irreps_sh = _irreps("irreps_sh", irreps_sh or o3.Irreps.spherical_harmonics(lmax))
         if irreps_head is None:
             irreps_head = [(math.ceil(mul / num_heads), ir) for mul, ir in self.irreps_hidden]
         if irreps_feed_forward is None:

@@ -320,3 +320,15 @@ def test_inputs_the_hidden_irreps_cannot_take_are_warned_about():
         model = SE3Transformer("1x0o", hidden_irreps(4, 1, "E3"), "1x0e", max_radius=2.0)
     pos = torch.randn(6, 3)
     assert model(torch.randn(6, 1), pos).equal(model(torch.randn(6, 1), pos))  # ignored
+
+
+@pytest.mark.parametrize("argument", ["irreps_in", "irreps_hidden", "irreps_out", "irreps_sh"])
+def test_an_irreps_typo_is_named(argument):
+    arguments = dict(irreps_in="4x0e", irreps_hidden="8x0e + 4x1o", irreps_out="1x0e")
+    options = dict(max_radius=2.0)
+    if argument == "irreps_sh":
+        options["irreps_sh"] = "1x0e + 1x1q"
+    else:
+        arguments[argument] = "8x0e + 4x1q"
+    with pytest.raises(ValueError, match=f"{argument}=.* are not irreps"):
+        SE3Transformer(*arguments.values(), **options)
