@@ -75,6 +75,7 @@ bench-smoke: $(VENV)/.installed-pyg
 	$(BIN)/python bench/transformer.py --smoke --compile --points 300  # torch.compile traces
 	$(BIN)/python bench/attention_overflow.py --smoke
 	$(BIN)/python bench/normalization_depth.py --smoke
+	$(BIN)/python bench/bulk_copper.py --smoke
 
 # Every chapter page of the built book in headless Chromium (ci/browser_check.py): the math
 # rendered, every figure loaded, the Colab and Binder buttons there; screenshots in

@@ -20,7 +20,7 @@ checkpoints and several processes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -31,6 +31,7 @@ from se3tutor.transformer import SE3Transformer
 
 __all__ = [
     "EnergyModel",
+    "LossTerms",
     "crystal",
     "adam_with_cosine_decay",
     "energy_force_loss",
@@ -185,21 +186,37 @@ def adam_with_cosine_decay(model: torch.nn.Module, lr: float, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
 
 
+class LossTerms(NamedTuple):
+    """The loss of a batch and its terms (0-d tensors): ``total = energy + force_weight *
+    forces + stress_weight * stress``."""
+
+    total: torch.Tensor
+    energy: torch.Tensor
+    forces: torch.Tensor
+    stress: torch.Tensor
+
+
 def energy_force_loss(
     model: Callable,
     data: dict,
     force_weight: float = 1.0,
     num_graphs: Optional[int] = None,
     num_atoms: Optional[int] = None,
-):
-    r"""The training loss on one batch, and its energy and force terms (each a 0-d tensor).
+    stress_weight: float = 1.0,
+) -> LossTerms:
+    r"""The training loss on one batch, and its energy, force and stress terms.
 
     .. math:: L = \frac{1}{B} \sum_b \Big(\frac{\hat E_b - E_b}{N_b}\Big)^2
               + \lambda\, \frac{1}{3N} \sum_{i} \|\hat F_i - F_i\|^2
+              + \lambda_\sigma \frac{1}{9B} \sum_{b \in \text{stress}}
+                \Big\|\frac{V_b}{N_b} (\hat\sigma_b - \sigma_b)\Big\|^2
 
     ``data`` is a batch from :func:`se3tutor.data.collate` (on the model's device), ``model``
     an :class:`EnergyModel` or a wrapper called the same way (``DistributedDataParallel``),
-    :math:`\lambda` = ``force_weight``, :math:`N_b` the atoms of structure :math:`b`.
+    :math:`\lambda` = ``force_weight``, :math:`\lambda_\sigma` = ``stress_weight``,
+    :math:`N_b` the atoms and :math:`V_b` the volume of structure :math:`b`. The stress term
+    counts the structures that have a stress (crystals; 0 for a batch without any) and is, like
+    the energy term, in (eV/atom)²: :math:`V \sigma / N` is the virial per atom.
 
     The loss is written as sums over the batch divided by two counts, :math:`B` =
     ``num_graphs`` structures and :math:`N` = ``num_atoms`` atoms, those of ``data`` by
@@ -212,23 +229,36 @@ def energy_force_loss(
     >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
     >>> structures = emt_clusters(3, shells=(2, 3))
     >>> whole = collate(structures, [29])
-    >>> loss, energy_term, force_term = energy_force_loss(model, whole, force_weight=0.1)
+    >>> loss = energy_force_loss(model, whole, force_weight=0.1)
     >>> counts = dict(num_graphs=3, num_atoms=len(whole["pos"]))  # of the whole batch
     >>> shards = [collate(structures[:1], [29]), collate(structures[1:], [29])]
-    >>> parts = [energy_force_loss(model, shard, 0.1, **counts)[0] for shard in shards]
-    >>> torch.allclose(parts[0] + parts[1], loss)
+    >>> parts = [energy_force_loss(model, shard, 0.1, **counts).total for shard in shards]
+    >>> torch.allclose(parts[0] + parts[1], loss.total)
     True
     """
     num_graphs = len(data["energy"]) if num_graphs is None else num_graphs
     num_atoms = len(data["pos"]) if num_atoms is None else num_atoms
     graphs_here = len(data["energy"])
-    energy, forces = model(
-        data["pos"], data["species_index"], data["batch"], graphs_here, **crystal(data)
-    )
+    has_stress = data.get("has_stress")
+    with_stress = stress_weight > 0 and has_stress is not None and bool(has_stress.any())
+    inputs = (data["pos"], data["species_index"], data["batch"], graphs_here)
+    if with_stress:
+        energy, forces, stress = model(*inputs, cell=data["cell"], pbc=data["pbc"], stress=True)
+    else:
+        energy, forces = model(*inputs, **crystal(data))
     atoms_per_graph = torch.bincount(data["batch"], minlength=graphs_here)
     energy_term = ((energy - data["energy"]) / atoms_per_graph).pow(2).sum() / num_graphs
     force_term = (forces - data["forces"]).pow(2).sum() / (3 * num_atoms)
-    return energy_term + force_weight * force_term, energy_term, force_term
+    stress_term = torch.zeros_like(energy_term)
+    if with_stress:
+        volume_per_atom = torch.linalg.det(data["cell"]).abs() / atoms_per_graph
+        virial_error = (stress - data["stress"]) * volume_per_atom[:, None, None]
+        # Structures without a stress have NaN there (no volume): where() keeps them out of
+        # the sum and out of the gradient.
+        virial_error = torch.where(has_stress[:, None, None], virial_error, 0.0)
+        stress_term = virial_error.pow(2).sum() / (9 * num_graphs)
+    total = energy_term + force_weight * force_term + stress_weight * stress_term
+    return LossTerms(total, energy_term, force_term, stress_term)
 
 
 def batches(structures: Sequence, batch_size: int, generator=None):
@@ -247,23 +277,30 @@ def steps_per_epoch(num_structures: int, batch_size: int) -> int:
     return (num_structures + batch_size - 1) // batch_size
 
 
-def predicted_batches(model: EnergyModel, structures: Sequence, batch_size: int = 16):
+def predicted_batches(
+    model: EnergyModel, structures: Sequence, batch_size: int = 16, stress: bool = False
+):
     """``(data, energy, forces)`` of each batch of ``structures`` in order: the batch as
     :func:`se3tutor.data.collate` makes it, on the model's device and in its dtype, and the
-    model's energies and forces for it (detached). Puts the model in eval mode."""
+    model's energies and forces for it (detached); with ``stress=True`` also the stresses
+    ``[batch, 3, 3]`` (NaN for structures not periodic in 3D). Puts the model in eval mode."""
     parameter = next(model.parameters())
     model.eval()
     for batch in batches(structures, batch_size):
         data = collate(batch, model.species, parameter.dtype, parameter.device)
-        energy, forces = model(
-            data["pos"], data["species_index"], data["batch"], len(batch), **crystal(data)
-        )
-        yield data, energy.detach(), forces.detach()
+        inputs = (data["pos"], data["species_index"], data["batch"], len(batch))
+        if stress:
+            outputs = model(*inputs, cell=data["cell"], pbc=data["pbc"], stress=True)
+        else:
+            outputs = model(*inputs, **crystal(data))
+        yield (data, *(output.detach() for output in outputs))
 
 
-def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16):
+def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16, stress=False):
     """The model's energies ``[len(structures)]`` (eV) and forces ``[num_atoms, 3]`` (eV/Å),
-    the atoms of all structures one after the other, as float64 tensors on the CPU.
+    the atoms of all structures one after the other, as float64 tensors on the CPU; with
+    ``stress=True`` also the stresses ``[len(structures), 3, 3]`` (eV/Å³, NaN for structures
+    not periodic in 3D).
 
     >>> from se3tutor.data import emt_clusters
     >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
@@ -271,11 +308,11 @@ def predict(model: EnergyModel, structures: Sequence, batch_size: int = 16):
     >>> energy.shape, forces.shape
     (torch.Size([3]), torch.Size([39, 3]))
     """
-    energies, forces = [], []
-    for _, energy, force in predicted_batches(model, structures, batch_size):
-        energies.append(energy.double().cpu())
-        forces.append(force.double().cpu())
-    return torch.cat(energies), torch.cat(forces)
+    results = [[], [], []] if stress else [[], []]
+    for _, *outputs in predicted_batches(model, structures, batch_size, stress):
+        for result, output in zip(results, outputs):
+            result.append(output.double().cpu())
+    return tuple(torch.cat(result) for result in results)
 
 
 def train_energy_model(
@@ -286,8 +323,9 @@ def train_energy_model(
     lr: float = 5e-3,
     force_weight: float = 1.0,
     seed: int = 0,
+    stress_weight: float = 1.0,
 ) -> list:
-    r"""Fit ``model`` to the energies and forces of ``structures`` (book: Learning an
+    r"""Fit ``model`` to the energies and forces (and stresses) of ``structures`` (book: Learning an
     interatomic potential); returns the mean training loss of every epoch.
 
     First :meth:`EnergyModel.fit_reference` on all of ``structures``; then Adam, ``epochs``
@@ -298,7 +336,9 @@ def train_energy_model(
               + \lambda\, \frac{1}{3N} \sum_{i} \|\hat F_i - F_i\|^2
 
     (eV²/atom² and eV²/Å², :math:`\lambda` = ``force_weight``), with :math:`N_b` the atoms
-    of structure :math:`b`. Deterministic for a given ``seed`` on the CPU with one thread.
+    of structure :math:`b`, plus ``stress_weight`` times a stress term for the crystals that
+    have a stress (see :func:`energy_force_loss`). Deterministic for a given ``seed`` on the
+    CPU with one thread.
 
     >>> from se3tutor.data import emt_clusters
     >>> model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
@@ -319,7 +359,7 @@ def train_energy_model(
         total = 0.0
         for batch in batches(structures, batch_size, generator):
             data = collate(batch, model.species, parameter.dtype, parameter.device)
-            loss, _, _ = energy_force_loss(model, data, force_weight)
+            loss = energy_force_loss(model, data, force_weight, stress_weight=stress_weight).total
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

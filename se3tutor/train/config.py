@@ -48,11 +48,18 @@ class TrainConfig:
     # data
     data: str = _option(
         "emt",
-        '"emt" (EMT copper clusters), or a file of ase Atoms with energies and forces, '
-        'read by ase.io.read(path, ":")',
+        '"emt" (EMT copper clusters, and crystals with --crystals), or a file of ase Atoms '
+        "with energies and forces (and stress, cells and pbc for crystals), read by "
+        'ase.io.read(path, ":")',
         "data",
     )
     num_structures: int = _option(250, "emt: number of clusters", "data")
+    crystals: int = _option(
+        0,
+        "emt: number of periodic fcc copper crystals (32 atoms, strained, sheared and rattled, "
+        "with EMT's stress) added to the clusters",
+        "data",
+    )
     shells: tuple = _option(
         (2, 3), "emt: icosahedron shells to draw from (2: 13 atoms, 3: 55 atoms)", "data",
         type=int, nargs="+",
@@ -78,6 +85,12 @@ class TrainConfig:
     lr: float = _option(2e-2, "Adam's learning rate, decaying to 0 along a cosine", "training")
     force_weight: float = _option(
         0.1, "lambda in: loss = energy term + lambda * force term", "training"
+    )
+    stress_weight: float = _option(
+        1.0,
+        "lambda_s in: loss = ... + lambda_s * stress term, over the structures that have a "
+        "stress (periodic in 3D); the term is in (eV/atom)^2, the stress times volume per atom",
+        "training",
     )
     # how the run is carried out
     dtype: str = _option("float32", "of all tensors", "run", choices=list(DTYPES))
@@ -182,8 +195,9 @@ def check_config(config: TrainConfig) -> None:
     for name in ("max_radius", "lr"):
         if not getattr(config, name) > 0:
             raise SetupError(f"{name} must be > 0, got {getattr(config, name)}")
-    if not config.force_weight >= 0:
-        raise SetupError(f"force_weight must be >= 0, got {config.force_weight}")
+    for name in ("force_weight", "stress_weight", "crystals"):
+        if not getattr(config, name) >= 0:
+            raise SetupError(f"{name} must be >= 0, got {getattr(config, name)}")
     if not 0 <= config.validation_fraction < 1:
         raise SetupError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
     if config.threads is not None and config.threads < 1:

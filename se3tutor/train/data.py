@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from se3tutor.data import check_structures, emt_clusters
+from se3tutor.data import check_structures, emt_bulk, emt_clusters
 from se3tutor.train.config import SetupError, TrainConfig
 
 __all__ = ["load_structures", "split"]
@@ -18,6 +18,8 @@ def load_structures(config: TrainConfig) -> list:
     """The structures of ``config.data``, checked (:class:`SetupError` names a bad one)."""
     if config.data == "emt":
         structures = emt_clusters(config.num_structures, shells=config.shells, seed=config.seed)
+        if config.crystals > 0:
+            structures += emt_bulk(config.crystals, seed=config.seed)
     else:
         from ase.io import read
 

@@ -162,14 +162,18 @@ def _train_step(run: _Run, session: _Session, structures: Sequence) -> torch.Ten
         mine, weight = structures[:1], 0  # since every process must take part in the step
     config = session.config
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
-        loss, energy_term, force_term = energy_force_loss(
-            session.trained, session.as_batch(mine), config.force_weight, **counts
+        loss = energy_force_loss(
+            session.trained,
+            session.as_batch(mine),
+            config.force_weight,
+            **counts,
+            stress_weight=config.stress_weight,
         )
     run.optimizer.zero_grad()
-    (loss * weight).backward()
+    (loss.total * weight).backward()
     run.optimizer.step()
     run.schedule.step()
-    terms = torch.stack([loss, energy_term, force_term]).detach()
+    terms = torch.stack(list(loss)).detach()
     terms = terms if weight else torch.zeros_like(terms)
     # The stop request travels with the sums, so that every process stops after this step.
     stop = terms.new_tensor([float(session.stop.is_set())])
@@ -441,12 +445,12 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
         lr = run.optimizer.param_groups[0]["lr"]
         terms = _train_step(run, session, batch)
         run.batch, run.step = run.batch + 1, run.step + 1
-        loss, energy_term, force_term, stop = terms.tolist()
+        loss, energy_term, force_term, stress_term, stop = terms.tolist()
         if not math.isfinite(loss):  # every process sees the same sums, and stops alike
             raise TrainingError(
                 f"step {run.step}: the loss is {loss} (energy term {energy_term}, force term "
-                f"{force_term}); stopped without saving, the last checkpoint in "
-                f"{config.out} is intact. Try a smaller --lr or --force-weight."
+                f"{force_term}, stress term {stress_term}); stopped without saving, the last "
+                f"checkpoint in {config.out} is intact. Try a smaller --lr or --force-weight."
             )
         run.epoch_loss += loss * len(batch)
         window_structures += len(batch)
@@ -460,6 +464,7 @@ def _train_epoch(run: _Run, session: _Session, training: Sequence) -> None:
                 loss=loss,
                 energy_term=energy_term,
                 force_term=force_term,
+                stress_term=stress_term,
                 lr=lr,
                 gradient_norm=float(_gradient_norm(run.model)),
                 structures_per_s=speed,

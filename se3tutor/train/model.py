@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from se3tutor.checks import default_dtype
+from se3tutor.data import stress_of
 from se3tutor.graph import available_backends
 from se3tutor.potential import EnergyModel, predicted_batches
 from se3tutor.train import distributed
@@ -65,26 +66,44 @@ def compile_for_inference(model: EnergyModel) -> EnergyModel:
 def evaluate(model: EnergyModel, structures: Sequence, batch_size: int = 16, processes=None):
     """Errors of ``model`` on ``structures``: ``energy_mae_per_atom`` (eV/atom, the mean over
     structures of :math:`|\\hat E_b - E_b| / N_b`), ``force_mae`` and ``force_rmse`` (eV/Å, over
-    force components). Several ``processes`` share the structures and sum their errors."""
+    force components), and, when some structures have a stress, ``stress_mae`` (eV/Å³, over
+    their stress components). Several ``processes`` share the structures and sum their errors."""
     parameter = next(model.parameters())
     processes = processes or distributed.Processes(0, 1, parameter.device)
     was_training = model.training
-    sums = torch.zeros(3, dtype=torch.float64, device=parameter.device)  # |dE|/N, |dF|, dF^2
+    stresses = sum(stress_of(atoms) is not None for atoms in structures)
+    # |dE|/N, |dF|, dF^2, |d sigma|
+    sums = torch.zeros(4, dtype=torch.float64, device=parameter.device)
     mine = distributed.shard(structures, processes)
-    for data, energy, forces in predicted_batches(model, mine, batch_size):
+    for data, energy, forces, *stress in predicted_batches(
+        model, mine, batch_size, stress=stresses > 0
+    ):
         atoms_per_graph = torch.bincount(data["batch"], minlength=len(energy))
         energy_error = ((energy - data["energy"]) / atoms_per_graph).double()
         force_error = (forces - data["forces"]).double()
+        stress_error = energy_error.new_zeros(())
+        if stress:
+            has_stress = data["has_stress"][:, None, None]
+            difference = (stress[0] - data["stress"]).double().abs()
+            stress_error = torch.where(has_stress, difference, 0.0).sum()
         sums += torch.stack(
-            [energy_error.abs().sum(), force_error.abs().sum(), force_error.pow(2).sum()]
+            [
+                energy_error.abs().sum(),
+                force_error.abs().sum(),
+                force_error.pow(2).sum(),
+                stress_error,
+            ]
         )
     model.train(was_training)
     if processes.world_size > 1:  # each process evaluated its share
         sums = distributed.all_sum(sums)
-    energy_sum, force_sum, force_square_sum = sums.tolist()
+    energy_sum, force_sum, force_square_sum, stress_sum = sums.tolist()
     num_components = 3 * sum(len(atoms) for atoms in structures)
-    return {
+    errors = {
         "energy_mae_per_atom": energy_sum / len(structures),
         "force_mae": force_sum / num_components,
         "force_rmse": math.sqrt(force_square_sum / num_components),
     }
+    if stresses:
+        errors["stress_mae"] = stress_sum / (9 * stresses)
+    return errors

@@ -48,7 +48,8 @@ def checkpoint_to_resume(
     elif chosen is None:
         found = None
     if found is not None:
-        saved, now = found[0]["config"], asdict(config)
+        # An option newer than the checkpoint had its default in the run that wrote it.
+        saved, now = {**asdict(TrainConfig()), **found[0]["config"]}, asdict(config)
         check_epochs(found, config.epochs)
         # More epochs for a finished run may start their decay from another --lr.
         free = {"epochs", "lr"} if saved["epochs"] < config.epochs else {"epochs"}

@@ -161,6 +161,8 @@ def epoch_summary(epoch: int, epochs: int, train_loss: float, metrics: dict) -> 
             f"; validation energy MAE {1000 * metrics['energy_mae_per_atom']:.1f} meV/atom, "
             f"force MAE {metrics['force_mae']:.3f} eV/Å, RMSE {metrics['force_rmse']:.3f} eV/Å"
         )
+        if "stress_mae" in metrics:  # eV/Å³ -> GPa
+            text += f", stress MAE {metrics['stress_mae'] * 160.21766:.2f} GPa"
     return text
 
 

@@ -299,6 +299,8 @@ def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monke
         (["--lr", "nan"], "lr must be a finite number, got nan"),
         (["--seed", "-1"], "seed must be >= 0"),
         (["--shells", "0"], "shells must each be >= 2"),
+        (["--stress-weight", "-1"], "stress_weight must be >= 0"),
+        (["--crystals", "-2"], "crystals must be >= 0"),
     ],
 )
 def test_the_command_line_refuses_bad_options_by_name(tmp_path, capsys, option, message):
@@ -464,3 +466,45 @@ def test_more_processes_than_gpus_are_refused_on_every_process(monkeypatch):
         monkeypatch.setenv("LOCAL_RANK", rank)
         with pytest.raises(ValueError, match="2 processes per machine but 1 GPU"):
             distributed.start("cuda")
+
+
+def test_training_on_crystals_from_a_file_fits_their_stress(tmp_path):
+    """Periodic structures with a stress in an extxyz file: trained with their cells (the
+    periodic graph) and a stress term; the validation reports the stress error."""
+    from se3tutor.calculator import SE3Calculator
+    from se3tutor.data import emt_bulk
+    from se3tutor.train import load_model
+
+    structures = emt_clusters(2, shells=(2,), seed=1) + emt_bulk(3, repeat=(1, 1, 1), seed=1)
+    write(tmp_path / "mixed.extxyz", structures)
+    options = ["--data", str(tmp_path / "mixed.extxyz"), "--validation-fraction", "0.4"]
+    options += ["--epochs", "2", "--batch-size", "3", "--log-every", "1"]
+    done = run([*TRAIN, *TINY[2:], *options, "--out", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr
+    steps = records(tmp_path / "run", "step")
+    assert any(step["stress_term"] > 0 for step in steps)
+    for step in steps:  # the logged loss is the sum of its weighted terms
+        total = step["energy_term"] + 0.1 * step["force_term"] + step["stress_term"]
+        assert step["loss"] == pytest.approx(total, rel=1e-12)
+    assert re.search(r"stress MAE [\d.]+ GPa", done.stdout), done.stdout
+    crystal = structures[-1].copy()
+    crystal.calc = SE3Calculator(load_model(tmp_path / "run"))
+    assert crystal.get_stress().shape == (6,)
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_steps_of_one_on_crystals(tmp_path):
+    """The stress term is normalised by the whole batch's counts too: 2 processes = 1."""
+    options = ["--num-structures", "2", "--crystals", "3", "--validation-fraction", "0"]
+    options += ["--epochs", "1", "--batch-size", "5", "--log-every", "1"]
+    one = run([*TRAIN, *TINY, *options, "--out", str(tmp_path / "one")])
+    two = run(
+        [*TORCHRUN, "--nproc_per_node", "2", "-m", "se3tutor.train", *TINY, *options]
+        + ["--out", str(tmp_path / "two")]
+    )
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    (single,), (double,) = records(tmp_path / "one", "step"), records(tmp_path / "two", "step")
+    assert single["stress_term"] > 0
+    for key in ("loss", "energy_term", "force_term", "stress_term", "gradient_norm"):
+        assert single[key] == pytest.approx(double[key], rel=1e-12, abs=0), key

@@ -1,0 +1,139 @@
+"""The potential chapter's bulk copper, repeated over seeds: how typical are its numbers?
+
+The chapter trains one model (one seed) on EMT copper clusters and periodic crystals, then
+reads off fcc copper's lattice constant and bulk modulus from an energy-volume curve and runs a
+short NVE simulation of a periodic supercell. This script repeats that for several seeds of
+the model's initialisation and of the shuffling (the data stay the chapter's), with and without
+the stress term in the loss, and prints per run and as mean and spread:
+
+- the errors on 20 held-out crystals: energy per atom (meV), forces (eV/Å), stress (GPa);
+- a0 (Å) and B (GPa) from a Birch-Murnaghan fit of E(V) of the one-atom fcc cell at 11
+  lattice constants from 3.45 to 3.80 Å, next to EMT's;
+- the largest |E_total(t) - E_total(0)| per atom (meV) of 200 velocity-Verlet steps of 2 fs
+  of the 32-atom supercell from 300 K.
+
+    python bench/bulk_copper.py            # 5 seeds, stress weights 0 and the chapter's
+    python bench/bulk_copper.py --smoke    # 1 seed, 2 epochs, a few structures (CI)
+
+Torch runs on one thread (small graphs: a second thread only waits on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from ase import units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.eos import EquationOfState
+from ase.md.velocitydistribution import Stationary
+from ase.md.verlet import VelocityVerlet
+
+from se3tutor.calculator import SE3Calculator
+from se3tutor.data import emt_bulk, emt_clusters
+from se3tutor.potential import EnergyModel, predict, train_energy_model
+from se3tutor.transformer import hidden_irreps
+
+try:  # ase >= 3.29
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:
+    from ase.md.velocitydistribution import (
+        MaxwellBoltzmannDistribution as thermalize_momenta,
+    )
+
+# The chapter's model, training and data (book/potential.ipynb).
+MODEL = dict(irreps_hidden=hidden_irreps(16, 0), max_radius=4.5, num_layers=1, num_heads=2)
+TRAINING = dict(epochs=20, batch_size=16, lr=2e-2, force_weight=0.1)
+CHAPTER_STRESS_WEIGHT = 1.0
+LATTICE_CONSTANTS = np.linspace(3.45, 3.80, 11)
+
+
+def equation_of_state(calculator) -> tuple[float, float]:
+    """``(a0 in Å, B in GPa)`` of fcc copper from E(V) of its one-atom cell."""
+    volumes, energies = [], []
+    for a in LATTICE_CONSTANTS:
+        atoms = bulk("Cu", "fcc", a=a)
+        atoms.calc = calculator
+        volumes.append(atoms.get_volume())
+        energies.append(atoms.get_potential_energy())
+    try:
+        v0, _, b0 = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
+    except RuntimeError:  # no minimum to fit in the range (an untrained model, in --smoke)
+        return float("nan"), float("nan")
+    return (4 * v0) ** (1 / 3), b0 / units.GPa
+
+
+def nve_drift(calculator, steps: int) -> float:
+    """Largest |E_total(t) - E_total(0)| per atom (eV) of NVE from 300 K, 32 atoms, 2 fs."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    atoms.calc = calculator
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    Stationary(atoms)
+    energies = []
+    dynamics = VelocityVerlet(atoms, timestep=2 * units.fs)
+    dynamics.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    dynamics.run(steps)
+    return float(np.abs(np.array(energies) - energies[0]).max()) / len(atoms)
+
+
+def one_run(train_set, test_set, seed, stress_weight, epochs, md_steps) -> dict:
+    torch.manual_seed(seed)
+    model = EnergyModel([29], **MODEL)
+    training = dict(TRAINING, epochs=epochs)
+    train_energy_model(model, train_set, **training, stress_weight=stress_weight, seed=seed)
+    energy, forces, stress = predict(model, test_set, stress=True)
+    reference_energy = torch.tensor([a.get_potential_energy() for a in test_set])
+    reference_forces = torch.tensor(np.concatenate([a.get_forces() for a in test_set]))
+    reference_stress = torch.tensor(np.stack([a.get_stress(voigt=False) for a in test_set]))
+    atoms = torch.tensor([len(a) for a in test_set])
+    a0, b0 = equation_of_state(SE3Calculator(model))
+    return {
+        "energy meV/atom": 1000 * float(((energy - reference_energy) / atoms).abs().mean()),
+        "force eV/Å": float((forces - reference_forces).abs().mean()),
+        "stress GPa": float((stress - reference_stress).abs().mean()) / units.GPa,
+        "a0 Å": a0,
+        "B GPa": b0,
+        "drift meV/atom": 1000 * nve_drift(SE3Calculator(model), md_steps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 2 epochs (CI)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seeds, epochs, md_steps = (1, 2, 10) if args.smoke else (args.seeds, TRAINING["epochs"], 200)
+    clusters, crystals = (20, 8) if args.smoke else (200, 50)
+    train_set = emt_clusters(clusters, shells=(2, 3), seed=0) + emt_bulk(crystals, seed=0)
+    test_set = emt_bulk(4 if args.smoke else 20, seed=1)
+
+    emt_a0, emt_b0 = equation_of_state(EMT())
+    print(f"EMT: a0 = {emt_a0:.4f} Å, B = {emt_b0:.1f} GPa")
+    print(f"{clusters} clusters + {crystals} crystals, {epochs} epochs; errors on")
+    print(f"{len(test_set)} held-out crystals (mean absolute), drift of {md_steps} NVE steps")
+    header = ("E meV/at", "F eV/Å", "σ GPa", "a0 Å", "B GPa", "drift", "s")
+    print(f"{'λσ':>3} {'seed':>5}" + "".join(f"{name:>9}" for name in header))
+    for stress_weight in (0.0, CHAPTER_STRESS_WEIGHT):
+        rows = []
+        for seed in range(seeds):
+            start = time.perf_counter()
+            rows.append(one_run(train_set, test_set, seed, stress_weight, epochs, md_steps))
+            values = [*rows[-1].values(), time.perf_counter() - start]
+            print(f"{stress_weight:3g} {seed:5d}" + "".join(f"{v:9.3f}" for v in values))
+        for name, summary in (("mean", statistics.mean), ("std", _spread)):
+            values = [summary([row[key] for row in rows]) for key in rows[0]]
+            print(f"{stress_weight:3g} {name:>5}" + "".join(f"{v:9.3f}" for v in values))
+    print("drift: largest |E_total(t) - E_total(0)| in meV/atom; s: seconds per run")
+
+
+def _spread(values):
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+if __name__ == "__main__":
+    main()
