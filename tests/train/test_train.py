@@ -508,3 +508,21 @@ def test_two_processes_take_the_steps_of_one_on_crystals(tmp_path):
     assert single["stress_term"] > 0
     for key in ("loss", "energy_term", "force_term", "stress_term", "gradient_norm"):
         assert single[key] == pytest.approx(double[key], rel=1e-12, abs=0), key
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_refusal_reaches_every_rank_as_one_clear_message(tmp_path):
+    """The lock is taken by rank 0 only; the others hear its refusal through the process group
+    and exit the same way (2, the same line), instead of hanging or raising from gloo."""
+    import fcntl
+
+    with open(tmp_path / ".lock", "a") as held:  # as a run in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = run(
+            [*TORCHRUN, "--nproc_per_node", "2", "-m", "se3tutor.train", *TINY]
+            + ["--num-structures", "4", "--epochs", "1", "--out", str(tmp_path)]
+        )
+    message = f"se3tutor.train: error: cannot use {tmp_path} for the run: another run is writing"
+    assert done.stderr.count(message) == 2, done.stderr
+    assert done.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both ranks exit 2
+    assert "gloo" not in done.stderr.lower() and "ProcessGroup" not in done.stderr
