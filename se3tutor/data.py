@@ -80,8 +80,10 @@ def emt_bulk(
     seed: int = 0,
 ) -> list:
     r"""Periodic fcc crystals of ``element``: the cubic cell (4 atoms) repeated ``repeat`` times,
-    scaled by :math:`1 + U(-\text{strain}, \text{strain})`, sheared by a random symmetric
-    strain of entries :math:`U(-\text{shear}, \text{shear})`, and rattled as
+    deformed by :math:`(1 + u) I + (A + A^T)/2` with :math:`u \sim U(-\text{strain},
+    \text{strain})` and the entries of :math:`A` from :math:`U(-\text{shear}, \text{shear})`
+    (a random symmetric strain on top of the scaling: each axis changes by up to
+    ``strain + shear``), and rattled as
     :func:`emt_clusters` does; labelled with the EMT energy (eV), forces (eV/Å) and stress
     (eV/Å³, ase's Voigt order and sign).
 

@@ -215,8 +215,10 @@ def energy_force_loss(
     an :class:`EnergyModel` or a wrapper called the same way (``DistributedDataParallel``),
     :math:`\lambda` = ``force_weight``, :math:`\lambda_\sigma` = ``stress_weight``,
     :math:`N_b` the atoms and :math:`V_b` the volume of structure :math:`b`. The stress term
-    counts the structures that have a stress (crystals; 0 for a batch without any) and is, like
-    the energy term, in (eV/atom)²: :math:`V \sigma / N` is the virial per atom.
+    sums over the structures that have a stress (crystals; 0 for a batch without any) but, like
+    the energy term, divides by all :math:`B` structures, and is in the energy term's units,
+    (eV/atom)²: :math:`V \sigma / N` is the virial per atom. (The 9 components of the
+    symmetric 3 x 3 stress all count, the off-diagonal ones twice.)
 
     The loss is written as sums over the batch divided by two counts, :math:`B` =
     ``num_graphs`` structures and :math:`N` = ``num_atoms`` atoms, those of ``data`` by

@@ -172,3 +172,25 @@ def test_a_stress_on_an_open_structure_is_refused():
     )
     with pytest.raises(ValueError, match="a stress needs a cell periodic"):
         check_structures([atoms])
+
+
+def test_the_stress_term_is_the_squared_virial_error_per_atom_over_all_structures(model):
+    """0 against the model's own stress; for an error D on one crystal of V/N volume per
+    atom, in a batch of B structures (one a cluster without stress): |D|^2 (V/N)^2 / (9 B)."""
+    from se3tutor.data import collate, emt_bulk, emt_clusters
+    from se3tutor.potential import energy_force_loss
+
+    structures = [*emt_bulk(1, repeat=(1, 1, 1), seed=4), *emt_clusters(1, shells=(2,), seed=4)]
+    data = collate(structures, [29], torch.float64)
+    inputs = (data["pos"], data["species_index"], data["batch"], 2)
+    _, _, own = model(*inputs, cell=data["cell"], pbc=data["pbc"], stress=True)
+    data["stress"] = torch.where(data["has_stress"][:, None, None], own.detach(), 0.0)
+    assert float(energy_force_loss(model, data).stress) == pytest.approx(0, abs=1e-20)
+    error = torch.tensor([[1.0, 2.0, 0.0], [2.0, -1.0, 0.5], [0.0, 0.5, 3.0]]) * 1e-3
+    data["stress"][0] += error
+    volume_per_atom = structures[0].get_volume() / len(structures[0])
+    expected = error.pow(2).sum() * volume_per_atom**2 / (9 * 2)
+    terms = energy_force_loss(model, data, stress_weight=2.0)
+    assert float(terms.stress) == pytest.approx(float(expected), rel=1e-6)  # own: to rounding
+    unweighted = terms.energy + terms.forces  # force_weight 1 by default
+    assert float(terms.total) == pytest.approx(float(unweighted + 2.0 * terms.stress), rel=1e-12)
