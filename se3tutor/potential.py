@@ -171,9 +171,12 @@ def fit_reference_energies(model: EnergyModel, structures: Sequence) -> None:
     )
 
 
-def crystal(data: dict) -> dict:
-    """The keywords ``cell`` and ``pbc`` of a batch from :func:`se3tutor.data.collate` that
-    holds a periodic structure, to pass to :class:`EnergyModel`; ``{}`` for open structures."""
+def crystal(data: dict, stress: bool = False) -> dict:
+    """The keywords of :class:`EnergyModel` for a batch from :func:`se3tutor.data.collate`:
+    ``cell`` and ``pbc`` when it holds a periodic structure or the ``stress`` is asked for
+    (with ``stress=True``), ``{}`` for open structures."""
+    if stress:
+        return {"cell": data["cell"], "pbc": data["pbc"], "stress": True}
     if "pbc" in data and bool(data["pbc"].any()):
         return {"cell": data["cell"], "pbc": data["pbc"]}
     return {}
@@ -244,17 +247,14 @@ def energy_force_loss(
     has_stress = data.get("has_stress")
     with_stress = stress_weight > 0 and has_stress is not None and bool(has_stress.any())
     inputs = (data["pos"], data["species_index"], data["batch"], graphs_here)
-    if with_stress:
-        energy, forces, stress = model(*inputs, cell=data["cell"], pbc=data["pbc"], stress=True)
-    else:
-        energy, forces = model(*inputs, **crystal(data))
+    energy, forces, *stress = model(*inputs, **crystal(data, with_stress))
     atoms_per_graph = torch.bincount(data["batch"], minlength=graphs_here)
     energy_term = ((energy - data["energy"]) / atoms_per_graph).pow(2).sum() / num_graphs
     force_term = (forces - data["forces"]).pow(2).sum() / (3 * num_atoms)
     stress_term = torch.zeros_like(energy_term)
     if with_stress:
         volume_per_atom = torch.linalg.det(data["cell"]).abs() / atoms_per_graph
-        virial_error = (stress - data["stress"]) * volume_per_atom[:, None, None]
+        virial_error = (stress[0] - data["stress"]) * volume_per_atom[:, None, None]
         # Structures without a stress have NaN there (no volume): where() keeps them out of
         # the sum and out of the gradient.
         virial_error = torch.where(has_stress[:, None, None], virial_error, 0.0)
@@ -291,10 +291,7 @@ def predicted_batches(
     for batch in batches(structures, batch_size):
         data = collate(batch, model.species, parameter.dtype, parameter.device)
         inputs = (data["pos"], data["species_index"], data["batch"], len(batch))
-        if stress:
-            outputs = model(*inputs, cell=data["cell"], pbc=data["pbc"], stress=True)
-        else:
-            outputs = model(*inputs, **crystal(data))
+        outputs = model(*inputs, **crystal(data, stress))
         yield (data, *(output.detach() for output in outputs))
 
 
