@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
 from e3nn import o3
 
 from se3tutor.graph import edge_vectors, scatter, segment_softmax
@@ -20,12 +21,21 @@ from se3tutor.radial import embed_edge_length, log_smooth_cutoff, radial_mlp
 from se3tutor.tensor_product import DepthwiseTensorProduct
 
 __all__ = [
+    "CHUNK_MB",
     "EdgeGeometry",
+    "IncomingEdges",
     "KeysValues",
     "MultiHeadAttention",
     "edge_geometry",
+    "incoming_edges",
     "sqrt_flat_at_zero",
 ]
+
+# The default budget, in MB, for the per-edge temporaries of one attention call (messages,
+# their radial weights, the tensor product's own): the folded path takes the receiving nodes
+# in groups whose edges fit in it. 1 GB keeps every chapter's model and the potentials in
+# one group, and a million-edge graph of bench/transformer.py in a few.
+CHUNK_MB = 1024.0
 
 
 class EdgeGeometry(NamedTuple):
@@ -111,6 +121,31 @@ def sqrt_flat_at_zero(alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, alpha, torch.ones_like(alpha)).sqrt(), 0.0)
 
 
+class IncomingEdges(NamedTuple):
+    """The edges grouped by receiving node: what the folded attention lays out as a
+    ``[num_nodes, max_degree]`` table, node by node."""
+
+    order: torch.Tensor  # [num_edges] edge ids sorted by receiving node (stable)
+    ptr: torch.Tensor  # [num_nodes + 1] node i's edges are order[ptr[i]:ptr[i + 1]]
+    rank: torch.Tensor  # [num_edges] place of order[e] among its node's edges
+    max_degree: int  # most edges into one node
+
+
+@torch.compiler.disable  # data-dependent sizes (.item()): eager
+def incoming_edges(edge_dst: torch.Tensor, num_nodes: int) -> IncomingEdges:
+    """Sort the edges by receiving node and number each node's edges 0, 1, ...
+
+    >>> incoming_edges(torch.tensor([2, 0, 2]), 3)
+    IncomingEdges(order=tensor([1, 0, 2]), ptr=tensor([0, 1, 1, 3]), rank=tensor([0, 0, 1]), max_degree=2)
+    """  # noqa: E501
+    order = torch.argsort(edge_dst, stable=True)
+    degree = torch.bincount(edge_dst, minlength=num_nodes)
+    ptr = torch.cat([degree.new_zeros(1), degree.cumsum(0)])
+    rank = torch.arange(len(order), device=order.device) - ptr[edge_dst[order]]
+    max_degree = int(degree.max()) if num_nodes > 0 else 0
+    return IncomingEdges(order, ptr, rank, max_degree)
+
+
 class MultiHeadAttention(torch.nn.Module):
     r"""Multi-head equivariant graph attention (book: The SE(3)-Transformer).
 
@@ -123,6 +158,20 @@ class MultiHeadAttention(torch.nn.Module):
     ``irreps_head.dim``. The dot product pairs equal irreps, so it is invariant. With
     ``attend_self`` each node also attends to itself, with key :math:`W_K^{self} f_i`, value
     :math:`W_V^{self} f_i` and weight 1.
+
+    **Folded** (``fold=True``, the default): the key and value maps are linear, so per head
+
+    .. math:: q^h_i \cdot W^h_K m_{ij} = (W^{h\top}_K q^h_i) \cdot m_{ij}, \qquad
+              \sum_j \sqrt{\alpha^h_{ij}}\, W^h_V m_{ij}
+              = W^h_V \sum_j \sqrt{\alpha^h_{ij}}\, m_{ij}:
+
+    the maps act once per node instead of once per edge, and no edge has a key or a value;
+    what is left per edge is a dot product and a weighted sum per head, whose cost does not
+    grow with the channels of a head. The receiving nodes go in groups whose edges' temporaries
+    fit in ``chunk_mb`` (several groups: each is recomputed in the backward pass rather than
+    stored). ``fold=False`` computes the keys and values of every edge (the direct form, the
+    reference of the tests), as does every variant that changes the keys or values, and
+    ``torch.compile`` (the folded form has data-dependent shapes).
 
     The steps are methods, so that a variant (:mod:`se3tutor.dense.variants`) replaces one of them:
     :meth:`edge_keys_values` (keys and values of the edges), :meth:`keys_values` (all that the
@@ -140,8 +189,15 @@ class MultiHeadAttention(torch.nn.Module):
         number_of_edge_scalars: int,
         radial_hidden: int = 32,
         attend_self: bool = False,
+        *,
+        fold: bool = True,
+        chunk_mb: float = CHUNK_MB,
     ) -> None:
         super().__init__()
+        if not chunk_mb > 0:
+            raise ValueError(f"chunk_mb must be > 0, got {chunk_mb}")
+        self.fold = fold
+        self.chunk_mb = chunk_mb
         self.irreps_node = o3.Irreps(irreps_node)
         self.irreps_head = o3.Irreps(irreps_head).simplify()
         self.num_heads = num_heads
@@ -179,6 +235,20 @@ class MultiHeadAttention(torch.nn.Module):
         return self.num_heads
 
     def forward(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
+        if self.takes_folded_path():
+            return self.folded_forward(f, edges)
+        return self.direct_forward(f, edges)
+
+    def takes_folded_path(self) -> bool:
+        """Folded unless asked not to, compiling, or a variant changes the keys or values."""
+        steps = ("edge_keys_values", "keys_values", "expand_heads", "key_value_heads")
+        plain = all(
+            getattr(type(self), step) is getattr(MultiHeadAttention, step) for step in steps
+        )
+        return self.fold and plain and not torch.compiler.is_compiling()
+
+    def direct_forward(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
+        """Keys and values of every edge, then the softmax and the weighted sum."""
         num_nodes = f.shape[0]
         q = self.h_q(f)  # [num_nodes, heads * d]
         kv = self.keys_values(f, edges)
@@ -209,3 +279,120 @@ class MultiHeadAttention(torch.nn.Module):
     def expand_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[num_keys, irreps_kv.dim] -> [num_keys, irreps_heads.dim]`` (the same here)."""
         return x
+
+    # The folded form: the same outputs, with W_K and W_V moved from the edges to the nodes.
+
+    def folded_forward(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
+        """Groups of receiving nodes, each with all its incoming edges (see the class)."""
+        num_nodes = f.shape[0]
+        q = self.h_q(f)  # [num_nodes, heads * d]
+        incoming = incoming_edges(edges.edge_dst, num_nodes)
+        src, dst, sh, scalars, log_weight = (x[incoming.order] for x in edges[:5])
+        ptr = incoming.ptr.tolist()
+        groups = self.node_groups(num_nodes, incoming.max_degree, f.element_size())
+        recompute = len(groups) > 1 and torch.is_grad_enabled()
+        outputs = []
+        for first, last in groups:
+            e0, e1 = ptr[first], ptr[last]
+            max_degree = max(b - a for a, b in zip(ptr[first:last], ptr[first + 1 : last + 1]))
+            args = (
+                f, q[first:last], src[e0:e1], dst[e0:e1] - first, incoming.rank[e0:e1],
+                sh[e0:e1], scalars[e0:e1], log_weight[e0:e1], first, max_degree,
+            )  # fmt: skip
+            if recompute:
+                outputs.append(
+                    torch.utils.checkpoint.checkpoint(self.attend, *args, use_reentrant=False)
+                )
+            else:
+                outputs.append(self.attend(*args))
+        return self.h_o(torch.cat(outputs) if outputs else q.new_zeros(0, q.shape[1]))
+
+    def node_groups(self, num_nodes: int, max_degree: int, itemsize: int) -> list:
+        """``[(first, last), ...]``: ranges of receiving nodes whose temporaries fit in
+        ``chunk_mb``. Per edge slot: the radial MLP's output, the message and its copy in the
+        ``[nodes, max_degree]`` table, and the tensor product's own temporaries (about two
+        messages); per node: the folded query and the weighted sum of messages, per head."""
+        width = self.irreps_messages.dim
+        per_node = itemsize * (
+            max_degree * (sum(self.fc.hs[1:]) + 4 * width) + 2 * self.num_heads * width
+        )
+        size = max(1, int(self.chunk_mb * 2**20 // per_node))
+        return [(first, min(first + size, num_nodes)) for first in range(0, num_nodes, size)]
+
+    def attend(self, f, q, src, dst, rank, sh, scalars, log_weight, first, max_degree):
+        """The outputs (before ``h_o``) of the nodes ``first, first + 1, ...`` (``q [n, heads *
+        d]``) from their incoming edges: ``src``, ``dst`` (counted from ``first``) and ``rank``
+        (place among the node's edges) per edge, and the edges' ``sh``, ``scalars`` and
+        ``log_weight``. A node's softmax needs only its own edges, so groups are independent."""
+        n, heads = len(q), self.num_heads
+        messages = self.tp(f[src], sh, self.fc(scalars))  # [E, M]
+        slot = dst * max_degree + rank  # the edge's cell in the [n, max_degree] table
+        shape = (n, max_degree, messages.shape[1])
+        if len(messages) == n * max_degree:  # every node has max_degree edges: no gaps
+            table = messages.view(shape)
+        else:
+            table = messages.new_zeros(n * max_degree, shape[2])
+            table = table.index_copy(0, slot, messages).view(shape)
+        logits = torch.bmm(table, self.folded_queries(q).transpose(1, 2))  # [n, max_degree, H]
+        logits = logits.reshape(n * max_degree, heads)[slot]
+        keys_dst, keys_log_weight = dst, log_weight
+        if self.attend_self:
+            f_self = f[first : first + n]
+            self_logits = (q * self.h_k_self(f_self)) @ self.head_sum  # [n, heads]
+            logits = torch.cat([logits, self_logits])
+            keys_dst = torch.cat([dst, torch.arange(n, device=dst.device)])
+            keys_log_weight = torch.cat([log_weight, log_weight.new_zeros(n)])
+        weight = sqrt_flat_at_zero(segment_softmax(logits, keys_dst, n, log_weight=keys_log_weight))
+        edge_weight = weight[: len(dst)]
+        weight_table = edge_weight.new_zeros(n * max_degree, heads).index_copy(0, slot, edge_weight)
+        summed = torch.bmm(weight_table.view(n, max_degree, heads).transpose(1, 2), table)
+        out = self.folded_values(summed)  # [n, heads * d]
+        if self.attend_self:
+            out = out + weight[len(dst) :][:, self.head_of] * self.h_v_self(f_self)
+        return out
+
+    def folded_queries(self, q: torch.Tensor) -> torch.Tensor:
+        r""":math:`W_K^{h\top} q^h / \sqrt{d}`: ``[n, heads * d] -> [n, heads, M]``, so that
+        ``folded[:, h] @ m`` is head h's logit of a message ``m``."""
+        q = q / self.irreps_head.dim**0.5  # before the map: on the narrow side
+        blocks = [None] * len(self.irreps_messages)
+        for i_in, i_out, weight, path_weight in self._head_blocks(self.h_k):
+            mul_in, ir = self.irreps_messages[i_in]
+            q_block = q[:, self.irreps_kv.slices()[i_out]].view(len(q), self.num_heads, -1, ir.dim)
+            block = torch.einsum("whv,nhvm->nhwm", weight, q_block) * path_weight
+            blocks[i_in] = block.reshape(len(q), self.num_heads, mul_in * ir.dim)
+        blocks = [
+            q.new_zeros(len(q), self.num_heads, mul_ir.dim) if block is None else block
+            for block, mul_ir in zip(blocks, self.irreps_messages)
+        ]
+        return torch.cat(blocks, dim=2)
+
+    def folded_values(self, summed: torch.Tensor) -> torch.Tensor:
+        """:math:`W_V^h` applied to each head's weighted sum of messages:
+        ``[n, heads, M] -> [n, heads * d]`` (the layout of ``irreps_heads``)."""
+        n = len(summed)
+        blocks = [None] * len(self.irreps_kv)
+        message_slices = self.irreps_messages.slices()
+        for i_in, i_out, weight, path_weight in self._head_blocks(self.h_v):
+            ir = self.irreps_messages[i_in].ir
+            block = summed[:, :, message_slices[i_in]].view(n, self.num_heads, -1, ir.dim)
+            blocks[i_out] = (torch.einsum("whv,nhwm->nhvm", weight, block) * path_weight).reshape(
+                n, -1
+            )
+        blocks = [
+            summed.new_zeros(n, mul_ir.dim) if block is None else block
+            for block, mul_ir in zip(blocks, self.irreps_kv)
+        ]
+        return torch.cat(blocks, dim=1)
+
+    def _head_blocks(self, linear: o3.Linear):
+        """Per instruction of a map messages -> keys or values: ``(i_in, i_out, weight
+        [mul_in, heads, mul_head], path_weight)``."""
+        for _, instruction, weight in linear.weight_views(yield_instruction=True):
+            mul_in, mul_out = instruction.path_shape
+            yield (
+                instruction.i_in,
+                instruction.i_out,
+                weight.view(mul_in, self.num_heads, mul_out // self.num_heads),
+                instruction.path_weight,
+            )

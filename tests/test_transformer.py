@@ -332,3 +332,70 @@ def test_an_irreps_typo_is_named(argument):
         arguments[argument] = "8x0e + 4x1q"
     with pytest.raises(ValueError, match=f"{argument}=.* are not irreps"):
         SE3Transformer(*arguments.values(), **options)
+
+
+def _outputs_and_gradients(model, f, pos, edge_index, create_graph=False):
+    """The output, and the gradients of a loss on it (on the forces, with ``create_graph``)
+    with respect to ``f``, ``pos`` and every parameter."""
+    f, pos = f.clone().requires_grad_(), pos.clone().requires_grad_()
+    out = model(f, pos, edge_index=edge_index)
+    loss = out.pow(2).sum()
+    if create_graph:  # a force loss: differentiate the gradient once more
+        forces = torch.autograd.grad(out[:, 0].sum(), pos, create_graph=True)[0]
+        loss = loss + forces.pow(2).sum()
+    inputs = [f, pos, *model.parameters()]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [out] + [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def _with_attention(model, **settings):
+    copied = copy.deepcopy(model)
+    for block in copied.blocks:
+        for name, value in settings.items():
+            setattr(block.attention, name, value)
+    return copied
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("attend_self", [False, True])
+@pytest.mark.parametrize("chunk_mb", [None, 1e-6])  # one group; one node per group
+def test_the_folded_attention_equals_the_direct_one(dtype, tolerance, attend_self, chunk_mb):
+    # Moving W_K and W_V from the edges to the nodes is exact algebra: outputs and all
+    # gradients agree to rounding (relative to the largest entry), with the receiving nodes
+    # in one group or each alone (recomputed in the backward pass). Uneven degrees, and an
+    # isolated node, exercise the gaps of the [nodes, max_degree] table.
+    model = build_model(dtype, attend_self=attend_self)
+    assert model.blocks[0].attention.takes_folded_path()
+    f, pos = random_inputs(model, num_nodes=24)
+    pos[0] += 50.0  # isolated
+    edge_index = radius_graph(pos, MAX_RADIUS)
+    degrees = torch.bincount(edge_index[1], minlength=24)
+    assert degrees[0] == 0 and len(set(degrees[1:].tolist())) > 2
+    folded = model if chunk_mb is None else _with_attention(model, chunk_mb=chunk_mb)
+    if chunk_mb is not None:
+        assert len(folded.blocks[0].attention.node_groups(24, int(degrees.max()), 8)) == 24
+    direct = _with_attention(model, fold=False)
+    assert not direct.blocks[0].attention.takes_folded_path()
+    for create_graph in (False, True):
+        expected = _outputs_and_gradients(direct, f, pos, edge_index, create_graph)
+        for got, want in zip(_outputs_and_gradients(folded, f, pos, edge_index, create_graph),
+                             expected):  # fmt: skip
+            scale = want.abs().max().clamp(min=1e-30)
+            assert (got - want).abs().max() <= tolerance * scale
+
+
+def test_node_groups_cover_the_nodes_in_groups_that_grow_with_the_budget():
+    attention = copy.deepcopy(build_model(torch.float64).blocks[0].attention)
+    attention.chunk_mb = 1e-6  # below one node's temporaries: one node per group
+    assert attention.node_groups(3, 10, 8) == [(0, 1), (1, 2), (2, 3)]
+    sizes = []
+    for chunk_mb in (2.0, 4.0, 8.0):
+        attention.chunk_mb = chunk_mb
+        groups = attention.node_groups(1000, 10, 8)
+        assert groups[0][0] == 0 and groups[-1][1] == 1000
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        sizes.append(groups[0][1] - groups[0][0])
+    assert 1 < sizes[0] and all(1.8 < b / a < 2.2 for a, b in zip(sizes, sizes[1:]))
+    with pytest.raises(ValueError, match="chunk_mb must be > 0"):
+        SE3Transformer("1x0e", "4x0e", "1x0e", max_radius=1.0, attention=functools.partial(
+            type(attention), chunk_mb=0.0))  # fmt: skip
