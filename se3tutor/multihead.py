@@ -323,17 +323,21 @@ class MultiHeadAttention(torch.nn.Module):
         """The outputs (before ``h_o``) of the nodes ``first, first + 1, ...`` (``q [n, heads *
         d]``) from their incoming edges: ``src``, ``dst`` (counted from ``first``) and ``rank``
         (place among the node's edges) per edge, and the edges' ``sh``, ``scalars`` and
-        ``log_weight``. A node's softmax needs only its own edges, so groups are independent."""
+        ``log_weight``. A node's softmax needs only its own edges, so groups are independent.
+
+        The messages stay in the tensor product's blocks (one per irrep of ``f``, see
+        :meth:`~se3tutor.tensor_product.DepthwiseTensorProduct.forward_blocks`), each laid
+        out as a ``[n, max_degree, width]`` table; the folded queries are reordered to match,
+        per node."""
         n, heads = len(q), self.num_heads
-        messages = self.tp(f[src], sh, self.fc(scalars))  # [E, M]
+        blocks = self.tp.forward_blocks(f[src], sh, self.fc(scalars))  # [E, width] each
         slot = dst * max_degree + rank  # the edge's cell in the [n, max_degree] table
-        shape = (n, max_degree, messages.shape[1])
-        if len(messages) == n * max_degree:  # every node has max_degree edges: no gaps
-            table = messages.view(shape)
-        else:
-            table = messages.new_zeros(n * max_degree, shape[2])
-            table = table.index_copy(0, slot, messages).view(shape)
-        logits = torch.bmm(table, self.folded_queries(q).transpose(1, 2))  # [n, max_degree, H]
+        tables = [self._table(block, slot, n, max_degree) for block in blocks]
+        folded = self.tp.to_blocks(self.folded_queries(q))  # [n, H, width] each
+        logits = sum(
+            torch.bmm(table, part.transpose(1, 2))  # [n, max_degree, H]
+            for table, part in zip(tables, folded)
+        )
         logits = logits.reshape(n * max_degree, heads)[slot]
         keys_dst, keys_log_weight = dst, log_weight
         if self.attend_self:
@@ -344,12 +348,21 @@ class MultiHeadAttention(torch.nn.Module):
             keys_log_weight = torch.cat([log_weight, log_weight.new_zeros(n)])
         weight = sqrt_flat_at_zero(segment_softmax(logits, keys_dst, n, log_weight=keys_log_weight))
         edge_weight = weight[: len(dst)]
-        weight_table = edge_weight.new_zeros(n * max_degree, heads).index_copy(0, slot, edge_weight)
-        summed = torch.bmm(weight_table.view(n, max_degree, heads).transpose(1, 2), table)
+        weight_table = self._table(edge_weight, slot, n, max_degree).transpose(1, 2)
+        summed = self.tp.from_blocks([torch.bmm(weight_table, table) for table in tables])
         out = self.folded_values(summed)  # [n, heads * d]
         if self.attend_self:
             out = out + weight[len(dst) :][:, self.head_of] * self.h_v_self(f_self)
         return out
+
+    @staticmethod
+    def _table(rows: torch.Tensor, slot: torch.Tensor, n: int, max_degree: int) -> torch.Tensor:
+        """``rows [E, width]`` at their ``slot`` of a ``[n, max_degree, width]`` table, zero
+        in the gaps (a view when there are none: every node has ``max_degree`` edges)."""
+        shape = (n, max_degree, rows.shape[1])
+        if len(rows) == n * max_degree:
+            return rows.view(shape)
+        return rows.new_zeros(n * max_degree, shape[2]).index_copy(0, slot, rows).view(shape)
 
     def folded_queries(self, q: torch.Tensor) -> torch.Tensor:
         r""":math:`W_K^{h\top} q^h / \sqrt{d}`: ``[n, heads * d] -> [n, heads, M]``, so that

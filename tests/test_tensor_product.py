@@ -133,3 +133,32 @@ def test_cuequivariance_on_cuda_gives_e3nn_values_and_gradients(dtype, tolerance
         results[backend] = (out, *torch.autograd.grad(out.pow(2).sum(), args))
     for name, a, b in zip(("out", "x", "y", "weight"), results["e3nn"], results["cuequivariance"]):
         assert (a - b).abs().max() <= tolerance * a.abs().max(), name
+
+
+@pytest.mark.parametrize(
+    "irreps_node, lmax, targets",
+    [
+        ("4x0e + 2x1o + 3x2e", 2, "0e + 1o + 1e + 2e"),  # mixed multiplicities, both parities
+        ("3x0o + 2x1e", 1, "0e + 0o + 1o + 1e"),
+        ("2x0e + 2x0o + 2x3o + 2x3e", 3, "0e + 0o + 1o + 1e + 2e + 2o + 3o + 3e"),
+    ],
+)
+def test_the_product_in_blocks_is_e3nns_product_with_its_gradients(irreps_node, lmax, targets):
+    # forward_blocks contracts the harmonics with the 3j symbols first and multiplies every
+    # channel at once; rearranged by from_blocks it must be e3nn's product, values and
+    # gradients (to_blocks inverts from_blocks).
+    with default_dtype(torch.float64):
+        tp = DepthwiseTensorProduct(irreps_node, o3.Irreps.spherical_harmonics(lmax), targets)
+    x, y, w = inputs(tp)
+    expected = tp(x, y, w)
+    blocks = tp.forward_blocks(x, y, w)
+    assert [b.shape[1] for b in blocks] == tp.block_widths
+    got = tp.from_blocks(blocks)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat(tp.to_blocks(expected), 1), torch.cat(blocks, 1))
+    probe = torch.randn_like(expected)
+    for a, b in zip(
+        torch.autograd.grad((got * probe).sum(), (x, y, w)),
+        torch.autograd.grad((expected * probe).sum(), (x, y, w)),
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
