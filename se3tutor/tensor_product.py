@@ -21,6 +21,10 @@ The backend is an attribute (a constructor argument too), so that every model of
 variants included, switches with one call, :func:`use_backend`. ``"auto"`` (the default) uses
 the fused kernel for CUDA tensors when both packages are installed and the multiplicities
 allow it, and e3nn otherwise.
+
+The folded attention (:class:`se3tutor.multihead.MultiHeadAttention`) asks for the product in
+blocks, :meth:`DepthwiseTensorProduct.forward_blocks`: batched matrix products in plain torch,
+or the fused kernel's output rearranged when the backend chooses cuequivariance.
 """
 
 from __future__ import annotations
@@ -149,7 +153,10 @@ class DepthwiseTensorProduct(o3.TensorProduct):
         channel and path. Faster than e3nn's order (which forms every channel's outer product
         with the harmonics first) for wide features on the CPU. ``from_blocks`` turns the
         blocks into :meth:`forward`'s layout (tested); the folded attention uses them as they
-        are."""
+        are. Where :meth:`uses_cuequivariance`, its kernel computes the product, rearranged
+        into blocks."""
+        if self.uses_cuequivariance(x):
+            return self.to_blocks(self.forward(x, y, weight))
         num_edges, blocks = len(x), []
         for n, (start, stop, mul, dim_x, d, paths) in enumerate(self.blocks):
             harmonics = y @ getattr(self, f"_coupling{n}")
