@@ -330,7 +330,7 @@ class MultiHeadAttention(torch.nn.Module):
         out as a ``[n, max_degree, width]`` table; the folded queries are reordered to match,
         per node."""
         n, heads = len(q), self.num_heads
-        blocks = self.tp.forward_blocks(f[src], sh, self.fc(scalars))  # [E, width] each
+        blocks = self.tp.forward_blocks(f[src], sh, self.radial_weights_in_blocks(scalars))
         slot = dst * max_degree + rank  # the edge's cell in the [n, max_degree] table
         tables = [self._table(block, slot, n, max_degree) for block in blocks]
         folded = self.tp.to_blocks(self.folded_queries(q))  # [n, H, width] each
@@ -354,6 +354,15 @@ class MultiHeadAttention(torch.nn.Module):
         if self.attend_self:
             out = out + weight[len(dst) :][:, self.head_of] * self.h_v_self(f_self)
         return out
+
+    def radial_weights_in_blocks(self, scalars: torch.Tensor) -> torch.Tensor:
+        """``self.fc(scalars)[:, tp.block_weight_order]``, with the permutation applied to the
+        columns of the MLP's last layer rather than to every edge's output."""
+        *hidden_layers, last = self.fc
+        for layer in hidden_layers:
+            scalars = layer(scalars)
+        permuted = {"weight": last.weight[:, self.tp.block_weight_order]}
+        return torch.func.functional_call(last, permuted, (scalars,))
 
     @staticmethod
     def _table(rows: torch.Tensor, slot: torch.Tensor, n: int, max_degree: int) -> torch.Tensor:

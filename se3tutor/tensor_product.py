@@ -112,12 +112,13 @@ class DepthwiseTensorProduct(o3.TensorProduct):
         (``mul`` channels of dimension ``d_x``) and output dimension ``d``, with the ``n``
         paths from ``i`` to outputs of that dimension: ``coupling [dim_y, d_x * n * d]``
         (each path's Wigner 3j symbols times its normalisation, at its harmonic's rows; a
-        buffer, so that it follows ``.to()``, not in the ``state_dict``), the index of each
-        ``(channel, path)`` weight, and the paths."""
+        buffer, so that it follows ``.to()``, not in the ``state_dict``) and the paths; and
+        the order of the weights that puts each block's ``(channel, path)`` weights side by
+        side."""
         weight_offsets = torch.tensor([0] + [ins.path_shape[0] for ins in self.instructions])
         weight_offsets = weight_offsets.cumsum(0).tolist()
         y_slices = self.irreps_in2.slices()
-        self.blocks = []  # (x start, x stop, mul, d_x, d, paths)
+        self.blocks, weight_order = [], []  # (x start, x stop, mul, d_x, d, paths), ...
         for i, ((mul, ir_x), x_slice) in enumerate(zip(self.irreps_in1, self.irreps_in1.slices())):
             for d in sorted({self.irreps_out[ins.i_out].ir.dim for ins in self.instructions}):
                 paths = [
@@ -133,19 +134,22 @@ class DepthwiseTensorProduct(o3.TensorProduct):
                     ir_y, ir_out = self.irreps_in2[ins.i_in2].ir, self.irreps_out[ins.i_out].ir
                     w3j = o3.wigner_3j(ir_x.l, ir_y.l, ir_out.l) * ins.path_weight  # [dx, dy, d]
                     coupling[y_slices[ins.i_in2], :, j] = w3j.transpose(0, 1)
-                weight_index = [[weight_offsets[k] + u for k in paths] for u in range(mul)]
+                weight_order += [weight_offsets[k] + u for u in range(mul) for k in paths]
                 n = len(self.blocks)
                 self.register_buffer(f"_coupling{n}", coupling.flatten(1), persistent=False)
-                self.register_buffer(
-                    f"_weight_index{n}", torch.tensor(weight_index).flatten(), persistent=False
-                )
                 self.blocks.append((x_slice.start, x_slice.stop, mul, ir_x.dim, d, paths))
         self.block_widths = [mul * len(paths) * d for _, _, mul, _, d, paths in self.blocks]
+        # weight[:, block_weight_order]: the weights block by block, channel-major, then path
+        order = torch.tensor(weight_order, dtype=torch.long)
+        self.register_buffer("block_weight_order", order, persistent=False)
+        self.register_buffer("_weight_from_blocks", torch.argsort(order), persistent=False)
 
     def forward_blocks(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> list:
         r"""The same product by batched matrix products, in blocks: one per irrep of ``x``
         and output dimension ``d``, ``[num_edges, mul * n * d]`` (channel-major, then the
-        block's ``n`` paths, then their components).
+        block's ``n`` paths, then their components). ``weight`` in block order,
+        ``weight[:, block_weight_order]`` of :meth:`forward`'s (a radial MLP can produce them
+        so, with its last layer's columns permuted: no gather per edge).
 
         The harmonics are contracted with the Wigner 3j symbols first,
         :math:`Y^p_{ik} = \sum_j C^p_{ijk} Y_j` (``[num_edges, d_x, n * d]``, small), then
@@ -156,17 +160,15 @@ class DepthwiseTensorProduct(o3.TensorProduct):
         are. Where :meth:`uses_cuequivariance`, its kernel computes the product, rearranged
         into blocks."""
         if self.uses_cuequivariance(x):
-            return self.to_blocks(self.forward(x, y, weight))
+            return self.to_blocks(self.forward(x, y, weight[:, self._weight_from_blocks]))
         num_edges, blocks = len(x), []
+        weights = weight.split([mul * len(paths) for _, _, mul, _, _, paths in self.blocks], 1)
         for n, (start, stop, mul, dim_x, d, paths) in enumerate(self.blocks):
             harmonics = y @ getattr(self, f"_coupling{n}")
             harmonics = harmonics.view(num_edges, dim_x, len(paths) * d)
             products = torch.bmm(x[:, start:stop].view(num_edges, mul, dim_x), harmonics)
-            weights = weight[:, getattr(self, f"_weight_index{n}")]  # [num_edges, mul * n]
-            products = products.view(num_edges, mul, len(paths), d) * weights.view(
-                num_edges, mul, len(paths), 1
-            )
-            blocks.append(products.flatten(1))
+            products = products.view(num_edges, mul, len(paths), d)
+            blocks.append((products * weights[n].view(num_edges, mul, len(paths), 1)).flatten(1))
         return blocks
 
     def to_blocks(self, t: torch.Tensor) -> list:
