@@ -92,4 +92,4 @@ colab-check:
 test: lint unit notebooks bench-smoke book browser-check colab-check
 
 clean:
-	rm -rf _build $(VENV) .venv-peer .venv-colab
+	rm -rf _build $(VENV) .venv-peer .venv-equiformer .venv-colab
