@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import e3nn.nn
 import torch
 import torch.utils.checkpoint
 from e3nn import o3
@@ -166,12 +167,17 @@ class MultiHeadAttention(torch.nn.Module):
               = W^h_V \sum_j \sqrt{\alpha^h_{ij}}\, m_{ij}:
 
     the maps act once per node instead of once per edge, and no edge has a key or a value;
-    what is left per edge is a dot product and a weighted sum per head, whose cost does not
-    grow with the channels of a head. The receiving nodes go in groups whose edges' temporaries
-    fit in ``chunk_mb`` (several groups: each is recomputed in the backward pass rather than
-    stored). ``fold=False`` computes the keys and values of every edge (the direct form, the
-    reference of the tests), as does every variant that changes the keys or values, and
-    ``torch.compile`` (the folded form has data-dependent shapes).
+    what is left per edge is a dot product and a weighted sum per head, ``2 H M``
+    multiply-adds for messages of ``M`` components: the factor of a head's multiplicity is
+    gone. The receiving nodes go in groups sized by an estimate of their edges' temporaries
+    (``chunk_mb``; a budget, not a bound: a group holds at least one node, and the sorted edge
+    geometry, queries, outputs and gradients are not counted). With several groups and
+    gradients on, each group is recomputed in the backward pass rather than stored (once more
+    per differentiation: a force loss, differentiated twice, keeps every group's recomputed
+    tensors until its second backward pass). ``fold=False`` computes the keys and values of
+    every edge (the direct form, the reference of the tests), as does every variant that
+    changes the messages, keys or values, and ``torch.compile`` (the folded form has
+    data-dependent shapes; ``chunk_mb`` then does not apply).
 
     The steps are methods, so that a variant (:mod:`se3tutor.dense.variants`) replaces one of them:
     :meth:`edge_keys_values` (keys and values of the edges), :meth:`keys_values` (all that the
@@ -240,11 +246,13 @@ class MultiHeadAttention(torch.nn.Module):
         return self.direct_forward(f, edges)
 
     def takes_folded_path(self) -> bool:
-        """Folded unless asked not to, compiling, or a variant changes the keys or values."""
-        steps = ("edge_keys_values", "keys_values", "expand_heads", "key_value_heads")
+        """Folded unless asked not to, compiling, a variant changes the messages, keys or
+        values, or the radial MLP is not e3nn's (the folded form permutes its last layer)."""
+        steps = ("messages", "edge_keys_values", "keys_values", "expand_heads", "key_value_heads")
         plain = all(
             getattr(type(self), step) is getattr(MultiHeadAttention, step) for step in steps
         )
+        plain = plain and isinstance(self.fc, e3nn.nn.FullyConnectedNet)
         return self.fold and plain and not torch.compiler.is_compiling()
 
     def direct_forward(self, f: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
@@ -301,7 +309,9 @@ class MultiHeadAttention(torch.nn.Module):
             )  # fmt: skip
             if recompute:
                 outputs.append(
-                    torch.utils.checkpoint.checkpoint(self.attend, *args, use_reentrant=False)
+                    torch.utils.checkpoint.checkpoint(
+                        self.attend, *args, use_reentrant=False, preserve_rng_state=False
+                    )
                 )
             else:
                 outputs.append(self.attend(*args))
@@ -330,7 +340,11 @@ class MultiHeadAttention(torch.nn.Module):
         out as a ``[n, max_degree, width]`` table; the folded queries are reordered to match,
         per node."""
         n, heads = len(q), self.num_heads
-        blocks = self.tp.forward_blocks(f[src], sh, self.radial_weights_in_blocks(scalars))
+        x = f[src]
+        if self.tp.uses_cuequivariance(x):  # the fused kernel, in e3nn's layout
+            blocks = self.tp.to_blocks(self.tp(x, sh, self.fc(scalars)))
+        else:
+            blocks = self.tp.forward_blocks(x, sh, self.radial_weights_in_blocks(scalars))
         slot = dst * max_degree + rank  # the edge's cell in the [n, max_degree] table
         tables = [self._table(block, slot, n, max_degree) for block in blocks]
         folded = self.tp.to_blocks(self.folded_queries(q))  # [n, H, width] each
@@ -382,7 +396,9 @@ class MultiHeadAttention(torch.nn.Module):
             mul_in, ir = self.irreps_messages[i_in]
             q_block = q[:, self.irreps_kv.slices()[i_out]].view(len(q), self.num_heads, -1, ir.dim)
             block = torch.einsum("whv,nhvm->nhwm", weight, q_block) * path_weight
-            blocks[i_in] = block.reshape(len(q), self.num_heads, mul_in * ir.dim)
+            block = block.reshape(len(q), self.num_heads, mul_in * ir.dim)
+            # several instructions from one message irrep when irreps_head repeats an irrep
+            blocks[i_in] = block if blocks[i_in] is None else blocks[i_in] + block
         blocks = [
             q.new_zeros(len(q), self.num_heads, mul_ir.dim) if block is None else block
             for block, mul_ir in zip(blocks, self.irreps_messages)
@@ -398,9 +414,8 @@ class MultiHeadAttention(torch.nn.Module):
         for i_in, i_out, weight, path_weight in self._head_blocks(self.h_v):
             ir = self.irreps_messages[i_in].ir
             block = summed[:, :, message_slices[i_in]].view(n, self.num_heads, -1, ir.dim)
-            blocks[i_out] = (torch.einsum("whv,nhwm->nhvm", weight, block) * path_weight).reshape(
-                n, -1
-            )
+            block = (torch.einsum("whv,nhwm->nhvm", weight, block) * path_weight).reshape(n, -1)
+            blocks[i_out] = block if blocks[i_out] is None else blocks[i_out] + block
         blocks = [
             summed.new_zeros(n, mul_ir.dim) if block is None else block
             for block, mul_ir in zip(blocks, self.irreps_kv)

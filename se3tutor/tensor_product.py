@@ -22,9 +22,10 @@ variants included, switches with one call, :func:`use_backend`. ``"auto"`` (the 
 the fused kernel for CUDA tensors when both packages are installed and the multiplicities
 allow it, and e3nn otherwise.
 
-The folded attention (:class:`se3tutor.multihead.MultiHeadAttention`) asks for the product in
-blocks, :meth:`DepthwiseTensorProduct.forward_blocks`: batched matrix products in plain torch,
-or the fused kernel's output rearranged when the backend chooses cuequivariance.
+The folded attention (:class:`se3tutor.multihead.MultiHeadAttention`) takes the product in
+blocks: :meth:`DepthwiseTensorProduct.forward_blocks` (batched matrix products in plain torch)
+where e3nn would compute it, the fused kernel's output rearranged by
+:meth:`~DepthwiseTensorProduct.to_blocks` where the backend chooses cuequivariance.
 """
 
 from __future__ import annotations
@@ -142,7 +143,6 @@ class DepthwiseTensorProduct(o3.TensorProduct):
         # weight[:, block_weight_order]: the weights block by block, channel-major, then path
         order = torch.tensor(weight_order, dtype=torch.long)
         self.register_buffer("block_weight_order", order, persistent=False)
-        self.register_buffer("_weight_from_blocks", torch.argsort(order), persistent=False)
 
     def forward_blocks(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> list:
         r"""The same product by batched matrix products, in blocks: one per irrep of ``x``
@@ -157,10 +157,9 @@ class DepthwiseTensorProduct(o3.TensorProduct):
         channel and path. Faster than e3nn's order (which forms every channel's outer product
         with the harmonics first) for wide features on the CPU. ``from_blocks`` turns the
         blocks into :meth:`forward`'s layout (tested); the folded attention uses them as they
-        are. Where :meth:`uses_cuequivariance`, its kernel computes the product, rearranged
-        into blocks."""
-        if self.uses_cuequivariance(x):
-            return self.to_blocks(self.forward(x, y, weight[:, self._weight_from_blocks]))
+        are (with cuequivariance's kernel, it calls :meth:`forward` and :meth:`to_blocks`).
+        Built in float32 and then converted, the 3j constants keep float32's rounding (as
+        e3nn's own do): build under float64 for float64 accuracy."""
         num_edges, blocks = len(x), []
         weights = weight.split([mul * len(paths) for _, _, mul, _, _, paths in self.blocks], 1)
         for n, (start, stop, mul, dim_x, d, paths) in enumerate(self.blocks):

@@ -358,22 +358,35 @@ def _with_attention(model, **settings):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("attend_self", [False, True])
-@pytest.mark.parametrize("chunk_mb", [None, 1e-6])  # one group; one node per group
-def test_the_folded_attention_equals_the_direct_one(dtype, tolerance, attend_self, chunk_mb):
+@pytest.mark.parametrize("nodes_per_group", [None, 5, 1])  # None: one group
+@pytest.mark.parametrize(
+    "irreps_head", [None, "2x0e + 2x1o + 2x0e"]  # a repeated irrep: two paths into one key
+)
+def test_the_folded_attention_equals_the_direct_one(
+    dtype, tolerance, attend_self, nodes_per_group, irreps_head
+):
     # Moving W_K and W_V from the edges to the nodes is exact algebra: outputs and all
     # gradients agree to rounding (relative to the largest entry), with the receiving nodes
-    # in one group or each alone (recomputed in the backward pass). Uneven degrees, and an
-    # isolated node, exercise the gaps of the [nodes, max_degree] table.
-    model = build_model(dtype, attend_self=attend_self)
-    assert model.blocks[0].attention.takes_folded_path()
+    # in one group, in groups of 5 or each alone (recomputed in the backward pass). Uneven
+    # degrees, and an isolated node, exercise the gaps of the [nodes, max_degree] tables.
+    if irreps_head is not None and (nodes_per_group, attend_self) != (None, False):
+        pytest.skip("the repeated irrep is a property of the maps, not of the groups")
+    model = build_model(dtype, attend_self=attend_self, irreps_head=irreps_head)
+    attention = model.blocks[0].attention
+    assert attention.takes_folded_path()
     f, pos = random_inputs(model, num_nodes=24)
     pos[0] += 50.0  # isolated
     edge_index = radius_graph(pos, MAX_RADIUS)
     degrees = torch.bincount(edge_index[1], minlength=24)
+    max_degree = int(degrees.max())
     assert degrees[0] == 0 and len(set(degrees[1:].tolist())) > 2
-    folded = model if chunk_mb is None else _with_attention(model, chunk_mb=chunk_mb)
-    if chunk_mb is not None:
-        assert len(folded.blocks[0].attention.node_groups(24, int(degrees.max()), 8)) == 24
+    folded = model
+    if nodes_per_group is not None:
+        (first, last), *_ = attention.node_groups(10**9, max_degree, f.element_size())
+        per_node_mb = attention.chunk_mb / (last - first)  # what node_groups counts per node
+        folded = _with_attention(model, chunk_mb=(nodes_per_group + 0.5) * per_node_mb)
+        groups = folded.blocks[0].attention.node_groups(24, max_degree, f.element_size())
+        assert groups[0] == (0, nodes_per_group) and len(groups) == -(-24 // nodes_per_group)
     direct = _with_attention(model, fold=False)
     assert not direct.blocks[0].attention.takes_folded_path()
     for create_graph in (False, True):

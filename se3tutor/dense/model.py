@@ -54,12 +54,11 @@ Where the behaviour differs on purpose:
   ``1 + W |channel norms|`` (:class:`se3tutor.dense.variants.GatedScaleLayerNorm`); 0.9.0's norm
   is a nonlinearity of the norms whose scale becomes such a gate;
 - ``splits``: the default 4 leaves the memory to the folded attention, which takes the
-  receiving nodes in groups whose temporaries fit in ``chunk_mb`` (1 GB by default; see
-  :class:`se3tutor.multihead.MultiHeadAttention`); any other value computes the edges' keys
-  and values (the direct form) in that many chunks, recomputed in the backward pass
-  (checkpointing). Either way the per-edge tensors of a layer are never all kept: a
-  smaller peak in training too, where 0.9.0's chunks only bound the temporary of one
-  product;
+  receiving nodes in groups sized by an estimate of their temporaries (``chunk_mb``, 1 GB by
+  default; see :class:`se3tutor.multihead.MultiHeadAttention`), recomputed in the backward
+  pass when there are several; any other value computes the edges' keys and values (the
+  direct form) in that many chunks, recomputed in the backward pass (checkpointing), where
+  0.9.0's chunks only bound the temporary of one product;
 - ``reversible``: as 0.9.0 (two copies of the features, attention then feed-forward,
   their mean at the end), but the gradients with respect to the coordinates that pass
   through the blocks are outputs of the backward pass; 0.9.0 adds them to ``.grad`` as a
