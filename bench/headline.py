@@ -16,14 +16,14 @@ The model and the call are the README's, with only the import changed::
 
 Within ``valid_radius = 10`` of Gaussian points every pair is an edge: 1,047,552 edges at 1024
 points, each with a message 79,872 numbers wide. The attention is folded
-(:class:`se3tutor.multihead.MultiHeadAttention`): no edge has keys or values, and the receiving
-nodes go in groups sized by an estimate of their edges' temporaries (``--chunk-mb``; a group
-holds at least one node, about 1.3 GB of temporaries at 1024 points), so the memory does not
-grow with the number of nodes attended at once. Each size runs in a fresh process (warmed up
-on 4 points) under ``torch.no_grad()``; printed: the time of one forward pass, its peak
-memory (``measure.py``: resident-set growth on the CPU, ``max_memory_allocated`` on CUDA), and
-the time per edge and layer. A line per layer shows the progress (one forward at 1024 points takes the better part
-of an hour on a 2-core CPU).
+(:class:`se3tutor.multihead.MultiHeadAttention`): no edge has keys or values, and the
+receiving nodes go in groups sized by an estimate of their edges' temporaries
+(``--chunk-mb``; a group holds at least one node, about 1.3 GB of temporaries at 1024
+points), so the memory does not grow with the number of nodes attended at once. Each size
+runs in a fresh process (warmed up on 4 points) under ``torch.no_grad()``; printed: the time
+of one forward pass, its peak memory (``measure.py``: resident-set growth on the CPU,
+``max_memory_allocated`` on CUDA), and the time per edge and layer. A line per layer shows
+the progress (one forward at 1024 points takes over half an hour on a 2-core CPU).
 
 On CUDA the tensor products run once in plain torch (``e3nn`` backend: batched matrix
 products) and once on cuequivariance's kernels when ``cuequivariance-torch`` is installed.
