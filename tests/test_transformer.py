@@ -360,7 +360,8 @@ def _with_attention(model, **settings):
 @pytest.mark.parametrize("attend_self", [False, True])
 @pytest.mark.parametrize("nodes_per_group", [None, 5, 1])  # None: one group
 @pytest.mark.parametrize(
-    "irreps_head", [None, "2x0e + 2x1o + 2x0e"]  # a repeated irrep: two paths into one key
+    "irreps_head",
+    [None, "2x0e + 2x1o + 2x0e"],  # a repeated irrep: two paths into one key
 )
 def test_the_folded_attention_equals_the_direct_one(
     dtype, tolerance, attend_self, nodes_per_group, irreps_head
