@@ -72,6 +72,7 @@ bench-smoke: $(VENV)/.installed-pyg
 	$(BIN)/python bench/transformer.py --gpu  # skipped (and says so) without CUDA
 	$(BIN)/python bench/peer.py --smoke
 	$(BIN)/python bench/headline.py --smoke
+	$(BIN)/python bench/nbody.py --smoke
 	$(BIN)/python bench/potential_variants.py --smoke
 	$(BIN)/python bench/transformer.py --smoke --compile --points 300  # torch.compile traces
 	$(BIN)/python bench/attention_overflow.py --smoke

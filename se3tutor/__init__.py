@@ -22,6 +22,8 @@ The chapters' modules, each named as the book names it:
 - :mod:`se3tutor.data`, :mod:`se3tutor.periodic`, :mod:`se3tutor.potential`,
   :mod:`se3tutor.calculator`: atomistic data, the periodic graph of crystals, ``EnergyModel``
   and its training, the ase calculator (Learning an interatomic potential)
+- :mod:`se3tutor.nbody`, :mod:`se3tutor.dynamics`: the charged N-body benchmark of EGNN's
+  Table 2 (the data, generated), ``NBodyTransformer`` and the training loop ``fit``
 
 Two subpackages for two other audiences, and one for students:
 
