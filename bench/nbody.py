@@ -1,7 +1,7 @@
 """The charged N-body benchmark (EGNN Table 2): se3tutor's models beside the published numbers
 and beside se3-transformer-pytorch, every model trained for the same wall-clock time.
 
-    python bench/nbody.py                 # the full run: 4 models x 3 seeds x 6 minutes
+    python bench/nbody.py                 # the full run: 5 entries x 3 seeds x 6 minutes
     python bench/nbody.py --smoke         # under 2 minutes: tiny models, few systems
     python bench/nbody.py --minutes 5 --seeds 1 --models transformer,peer
 
@@ -18,7 +18,12 @@ fresh process with ``--threads`` threads, ``--jobs`` runs at a time:
   layers on irreps (:mod:`se3tutor.dense.egnn`);
 - ``dense``: ``se3tutor.dense.SE3Transformer`` with se3-transformer-pytorch's keywords;
 - ``peer``: se3-transformer-pytorch 0.9.0 with the same keywords, in its own virtual
-  environment (``.venv-peer``, made on first use as ``bench/peer.py`` does).
+  environment (``.venv-peer``, made on first use as ``bench/peer.py`` does);
+- ``peer-slow``: the same at 5e-4, the default of EGNN's training script (at 3e-3 the peer
+  ends worse than moving straight on).
+
+The full run takes about 90 minutes with ``--jobs 2`` (each peer run also spends about 6
+minutes on its evaluations, which are not counted in its budget).
 
 The three dense models read charges as a degree-0 and velocities as a degree-1 input, the
 product of the two charges as an edge feature (``edge_dim=1``), all four other particles as
@@ -75,7 +80,8 @@ MODELS = {
                               **NBODY_IO), None, "se3tutor.dense, use_egnn=True"),
     "dense": ("se3tutor", dict(SAME, **NBODY_IO), None, "se3tutor.dense, peer's keywords"),
     "peer": ("peer", dict(SAME, **NBODY_IO), None, "se3-transformer-pytorch 0.9.0"),
-    # The peer diverges at LR (its 7.6 million parameters): EGNN's learning rate as well.
+    # At LR the peer (7.6 million parameters) ends worse than x + a v: the default of EGNN's
+    # training script as well.
     "peer-slow": ("peer", dict(SAME, **NBODY_IO), 5e-4, "se3-transformer-pytorch 0.9.0"),
 }  # fmt: skip
 SMOKE_MODELS = {

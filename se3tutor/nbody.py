@@ -1,5 +1,5 @@
 r"""The charged N-body benchmark of the SE(3)-Transformer and EGNN papers, generated here
-(book: not yet a chapter; the data for the N-body benchmark).
+(book: Learning dynamics).
 
 Five particles with charges :math:`\pm 1` move in free 3D space under Coulomb forces. A model
 sees positions, velocities and charges at one frame and predicts the positions 1,000
