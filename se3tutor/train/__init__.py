@@ -7,7 +7,7 @@ them:
 - :mod:`se3tutor.train.config`: :class:`TrainConfig`, every option once, with its help text;
   the command line is derived from it
 - :mod:`se3tutor.train.loop`: :func:`fit` (validation, progress, checkpoints, resume,
-  signals), :func:`main`
+  signals), :func:`main`, :func:`deterministic_algorithms` (``--deterministic``)
 - :mod:`se3tutor.train.data`: the structures of a run, read or made, checked and split
 - :mod:`se3tutor.train.model`: the model, built, saved and loaded (:func:`load_model`),
   compiled for evaluation, and evaluated (:func:`evaluate`)
@@ -19,7 +19,7 @@ them:
 """
 
 from se3tutor.train.config import SetupError, TrainConfig, TrainingError
-from se3tutor.train.loop import fit, main
+from se3tutor.train.loop import deterministic_algorithms, fit, main
 from se3tutor.train.model import compile_for_inference, evaluate, load_model
 from se3tutor.train.runlog import plot_log, read_log
 
@@ -28,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "TrainingError",
     "compile_for_inference",
+    "deterministic_algorithms",
     "evaluate",
     "fit",
     "load_model",

@@ -102,6 +102,13 @@ class TrainConfig:
         "differentiate twice); needs SE3TUTOR_BACKEND=torch, which it sets when unset",
         "run",
     )
+    deterministic: bool = _option(
+        False,
+        "repeat bit for bit on a GPU too: torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 and the pure-torch scatter (SE3TUTOR_BACKEND=torch, "
+        "which it sets when unset); slower. A CPU run repeats without it",
+        "run",
+    )
     threads: Optional[int] = _option(
         None, "torch.set_num_threads (default: torch's)", "run", type=int
     )
@@ -122,7 +129,7 @@ class TrainConfig:
 # (The data are compared by their contents, se3tutor.data.fingerprint, not by their path.)
 HOW_NOT_WHAT = frozenset(
     {"device", "compile", "threads", "out", "log_every", "checkpoint_every", "resume", "progress"}
-    | {"data"}
+    | {"data", "deterministic"}
 )
 
 

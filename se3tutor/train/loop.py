@@ -39,6 +39,10 @@ Adam with a cosine decay); around them this module adds what a longer run needs:
 - **several processes** under ``torchrun`` (:mod:`se3tutor.train.distributed`): each takes a
   shard of every global batch of ``--batch-size`` structures, and the steps are those of one
   process;
+- **repeatability**: on a CPU a run repeats bit for bit. On a GPU, atomic additions (scatter,
+  ``index_add_``) sum in a varying order and runs differ in the last bits, growing over the
+  steps; ``--deterministic`` switches torch to its deterministic algorithms (and cuBLAS to a
+  fixed workspace, the scatter to pure torch), slower, so that GPU runs repeat too;
 - the trained model, ``OUT/model.pt``, which :func:`load_model` reads back.
 
 On several machines, start the same command on each, with the rendezvous on one of them
@@ -120,7 +124,7 @@ from se3tutor.train.runlog import (
     versions,
 )
 
-__all__ = ["fit", "main"]
+__all__ = ["deterministic_algorithms", "fit", "main"]
 
 # ---------------------------------------------------------------------------- one step, one epoch
 
@@ -252,14 +256,47 @@ def fit(config: TrainConfig, structures: Optional[Sequence] = None) -> EnergyMod
         os.environ.setdefault("SE3TUTOR_BACKEND", "torch")
     if config.threads:
         torch.set_num_threads(config.threads)
+    with deterministic_algorithms(config.deterministic):
+        try:
+            processes = distributed.start(config.device)
+        except ValueError as error:
+            raise SetupError(str(error)) from None
+        try:
+            return _fit(config, processes, training, validation)
+        finally:
+            distributed.stop()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``--deterministic``: within the block, torch's deterministic algorithms
+    (``torch.use_deterministic_algorithms``; an operation that has none raises), cuBLAS with a
+    fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, read when CUDA starts) and the
+    pure-torch scatter (``SE3TUTOR_BACKEND=torch``: torch-scatter's CUDA kernels add in a
+    varying order). Each setting is restored afterwards; an environment variable already set
+    is kept, and ``SE3TUTOR_BACKEND=pyg`` is refused."""
+    if not enabled:
+        yield
+        return
+    if os.environ.get("SE3TUTOR_BACKEND", "torch") != "torch":
+        raise SetupError(
+            "deterministic needs the pure-torch scatter, but SE3TUTOR_BACKEND="
+            f"{os.environ['SE3TUTOR_BACKEND']}: unset it (torch-scatter's CUDA kernels add in "
+            "a varying order)"
+        )
+    variables = {"SE3TUTOR_BACKEND": "torch", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    before = {name: os.environ.get(name) for name in variables}
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    for name, value in variables.items():
+        os.environ.setdefault(name, value)
+    torch.use_deterministic_algorithms(True)
     try:
-        processes = distributed.start(config.device)
-    except ValueError as error:
-        raise SetupError(str(error)) from None
-    try:
-        return _fit(config, processes, training, validation)
+        yield
     finally:
-        distributed.stop()
+        torch.use_deterministic_algorithms(was_enabled)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def _lock(out: Path):

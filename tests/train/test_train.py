@@ -26,6 +26,7 @@ from ase.io import write
 from se3tutor.checks import default_dtype
 from se3tutor.data import collate, emt_clusters
 from se3tutor.potential import EnergyModel, train_energy_model
+from se3tutor.tensor_product import cuequivariance_available, use_backend
 from se3tutor.train import (
     SetupError,
     TrainConfig,
@@ -266,11 +267,56 @@ def test_without_tqdm_training_runs_and_says_there_is_no_progress_bar(tmp_path, 
     assert len(records(tmp_path, "epoch")) == 1
 
 
+def test_deterministic_trains_under_torchs_deterministic_algorithms_then_restores(
+    tmp_path, monkeypatch
+):
+    """--deterministic, for GPU runs that repeat: on the CPU (where runs repeat anyway) this
+    checks the settings are in force while training, that nothing in a training step lacks a
+    deterministic algorithm on the CPU, and that the settings are undone afterwards."""
+    from se3tutor.graph import available_backends
+    from se3tutor.train import loop
+
+    monkeypatch.delenv("SE3TUTOR_BACKEND", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = {}
+
+    def recording_fit(*args):
+        seen["algorithms"] = torch.are_deterministic_algorithms_enabled()
+        seen["scatter"] = available_backends()["scatter"]
+        seen["cublas"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        return original_fit(*args)
+
+    original_fit = loop._fit
+    monkeypatch.setattr(loop, "_fit", recording_fit)
+    config = TrainConfig(
+        **TINY_CONFIG, epochs=1, batch_size=4, deterministic=True, out=str(tmp_path)
+    )
+    fit(config, emt_clusters(6, shells=(2,), seed=1))
+    assert seen == {"algorithms": True, "scatter": "torch", "cublas": ":4096:8"}
+    assert len(records(tmp_path, "epoch")) == 1
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "SE3TUTOR_BACKEND" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_deterministic_refuses_the_compiled_scatter_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("SE3TUTOR_BACKEND", "pyg")
+    config = TrainConfig(**TINY_CONFIG, epochs=1, deterministic=True, out=str(tmp_path))
+    with pytest.raises(SetupError, match="deterministic needs the pure-torch scatter"):
+        fit(config, emt_clusters(6, shells=(2,), seed=1))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.slow
-def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monkeypatch):
+@pytest.mark.parametrize("backend", ["e3nn", "cuequivariance"])
+def test_the_compiled_model_gives_the_energies_and_forces_of_the_eager_one(monkeypatch, backend):
+    """On cuequivariance (its plain-torch fallback on the CPU) the products build their
+    cuequivariance modules before compiling: built inside the compiled forward, dynamo failed."""
+    if backend == "cuequivariance" and not cuequivariance_available():
+        pytest.skip("cuequivariance-torch is not installed")
     monkeypatch.setenv("SE3TUTOR_BACKEND", "torch")
     with default_dtype(torch.float64):
-        model = EnergyModel([29], "8x0e + 4x1o", max_radius=4.0, num_layers=1, num_heads=2)
+        model = EnergyModel([29], "8x0e + 8x1o", max_radius=4.0, num_layers=1, num_heads=2)
+    use_backend(model, backend)
     model.eval()
     data = collate(emt_clusters(2, shells=(2,), seed=2), [29], torch.float64)
     inputs = (data["pos"], data["species_index"], data["batch"], 2)
