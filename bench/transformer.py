@@ -28,7 +28,10 @@ The GPU section (``--gpu``) runs only where CUDA is present (elsewhere it says s
 kernels (``--backends``; cuequivariance when installed, see ``se3tutor.tensor_product``), and
 ``--compile`` adds each backend under ``torch.compile``. ``--backends e3nn,cuequivariance``
 also runs on the CPU, where cuequivariance is its pure-torch fallback (a check of the bench,
-not a speed to quote).
+not a speed to quote). A row says ``cuequivariance`` only where its fused CUDA kernels ran
+(:func:`se3tutor.tensor_product.runs_cuequivariance_kernels`), and ``cuequivariance (torch
+fallback)`` otherwise: on the CPU, without ``cuequivariance-ops-torch``, or for
+multiplicities the kernel does not take.
 """
 
 from __future__ import annotations
@@ -59,7 +62,11 @@ def run_case(
     import torch
 
     from se3tutor import SE3Transformer, radius_graph
-    from se3tutor.tensor_product import use_backend
+    from se3tutor.tensor_product import (
+        prepare_tensor_products,
+        runs_cuequivariance_kernels,
+        use_backend,
+    )
     from se3tutor.transformer import hidden_irreps
 
     torch.set_num_threads(threads)
@@ -69,7 +76,10 @@ def run_case(
         num_heads=2,
     ).to(device)  # fmt: skip
     use_backend(model, backend)
-    forward = torch.compile(model) if compile else model
+    label = backend  # "cuequivariance" only where its CUDA kernels run
+    if backend == "cuequivariance" and not runs_cuequivariance_kernels(model, device):
+        label = "cuequivariance (torch fallback)"
+    forward = torch.compile(prepare_tensor_products(model)) if compile else model
 
     def graph(n):
         pos = uniform_points(n, neighbors, device)
@@ -86,7 +96,7 @@ def run_case(
         "edges": edge_index.shape[1],
         "seconds": seconds,
         "peak_mb": peak_mb,
-        "backend": backend + (" compiled" if compile else ""),
+        "backend": label + (" compiled" if compile else ""),
     }
 
 
@@ -148,7 +158,7 @@ def main() -> None:
     )
     print(f"peak MB: {memory_kind(args.device)}")
     print(
-        f"{'points':>8}{'edges':>10}  {'backend':<24}{'seconds':>10}{'peak MB':>10}"
+        f"{'points':>8}{'edges':>10}  {'backend':<40}{'seconds':>10}{'peak MB':>10}"
         f"{'us / edge':>11}"
     )
     results = {variant: [] for variant in variants}
@@ -165,7 +175,7 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results[backend, compiled].append(result)
             print(
-                f"{result['points']:>8}{result['edges']:>10}  {result['backend']:<24}"
+                f"{result['points']:>8}{result['edges']:>10}  {result['backend']:<40}"
                 f"{result['seconds']:>10.3f}{result['peak_mb']:>10.0f}"
                 f"{1e6 * result['seconds'] / result['edges']:>11.2f}",
                 flush=True,

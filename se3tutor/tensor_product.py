@@ -36,7 +36,14 @@ import importlib.util
 import torch
 from e3nn import o3
 
-__all__ = ["BACKENDS", "DepthwiseTensorProduct", "cuequivariance_available", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "DepthwiseTensorProduct",
+    "cuequivariance_available",
+    "prepare_tensor_products",
+    "runs_cuequivariance_kernels",
+    "use_backend",
+]
 
 BACKENDS = ("auto", "e3nn", "cuequivariance")
 
@@ -219,6 +226,14 @@ class DepthwiseTensorProduct(o3.TensorProduct):
             return self._cuequivariance_op(x.device, x.dtype)(x, y, weight)
         return super().forward(x, y, weight)
 
+    def prepare(self, device, dtype: torch.dtype) -> None:
+        """Build now what the first call on tensors of ``device`` and ``dtype`` would build:
+        cuequivariance's module, where this product runs on it. torch.compile cannot trace
+        that construction (:func:`prepare_tensor_products` does it for a whole model)."""
+        x = torch.empty(0, self.width_x, device=device, dtype=dtype)
+        if self.uses_cuequivariance(x):
+            self._cuequivariance_op(x.device, dtype)
+
     def _cuequivariance_op(self, device: torch.device, dtype: torch.dtype):
         key = (device, dtype)
         if key not in self._cuequivariance_ops:
@@ -297,4 +312,39 @@ def use_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, DepthwiseTensorProduct):
             module.backend = backend
+    return model
+
+
+def runs_cuequivariance_kernels(model: torch.nn.Module, device) -> bool:
+    """Whether every :class:`DepthwiseTensorProduct` of ``model`` runs cuequivariance's fused
+    CUDA kernels for tensors on ``device``: not e3nn, and not cuequivariance's pure-torch
+    fallback, which it takes on the CPU, without ``cuequivariance-ops-torch``, or when the
+    node features' multiplicities differ (``kernel_applies``). ``False`` for a model without
+    depthwise products.
+
+    >>> from se3tutor import SE3Transformer
+    >>> model = SE3Transformer("2x0e", "8x0e + 8x1o", "1x0e", max_radius=2.0)
+    >>> runs_cuequivariance_kernels(model, "cpu"), runs_cuequivariance_kernels(model, "cuda")
+    (False, False)
+    """
+    device = torch.device(device)
+    products = [m for m in model.modules() if isinstance(m, DepthwiseTensorProduct)]
+    return bool(products) and all(
+        product.backend in ("auto", "cuequivariance")
+        and product.kernel_applies
+        and device.type == "cuda"
+        and cuequivariance_available(kernels=True)
+        for product in products
+    )
+
+
+def prepare_tensor_products(model: torch.nn.Module) -> torch.nn.Module:
+    """Call :meth:`DepthwiseTensorProduct.prepare` on every depthwise product of ``model``, for
+    the device and dtype of its parameters; returns ``model``. Do this before
+    ``torch.compile``: on the cuequivariance backend, a product builds its cuequivariance
+    module on first use, which a compiled forward cannot trace."""
+    parameter = next(model.parameters())
+    for module in model.modules():
+        if isinstance(module, DepthwiseTensorProduct):
+            module.prepare(parameter.device, parameter.dtype)
     return model

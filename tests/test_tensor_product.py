@@ -8,7 +8,12 @@ import torch
 from e3nn import o3
 
 from se3tutor.checks import default_dtype
-from se3tutor.tensor_product import DepthwiseTensorProduct, cuequivariance_available, use_backend
+from se3tutor.tensor_product import (
+    DepthwiseTensorProduct,
+    cuequivariance_available,
+    runs_cuequivariance_kernels,
+    use_backend,
+)
 from se3tutor.transformer import SE3Transformer, hidden_irreps
 
 needs_cuequivariance = pytest.mark.skipif(
@@ -50,6 +55,28 @@ def test_auto_takes_the_fused_kernel_only_for_one_multiplicity_and_checks_widths
         mixed(x[:, 1:], y, torch.zeros(4, mixed.weight_numel))
     with pytest.raises(ValueError, match=r"y must be \[..., 4\]"):
         mixed(x, y[:, :3], torch.zeros(4, mixed.weight_numel))
+
+
+def test_only_runs_on_the_fused_kernels_count_as_cuequivariance(monkeypatch):
+    """What a benchmark may label "cuequivariance": CUDA, the kernels' package, one
+    multiplicity, a backend that takes them; anything else runs e3nn or the plain-torch
+    fallback. (The installed packages are pretended here: no GPU is needed to ask.)"""
+    from se3tutor import SE3Transformer
+
+    monkeypatch.setattr(
+        "se3tutor.tensor_product.cuequivariance_available", lambda kernels=False: True
+    )
+    one = SE3Transformer("2x0e", "8x0e + 8x1o", "1x0e", max_radius=2.0)
+    mixed = SE3Transformer("2x0e", "16x0e + 8x1o", "1x0e", max_radius=2.0)
+    assert runs_cuequivariance_kernels(one, "cuda")
+    assert not runs_cuequivariance_kernels(one, "cpu")
+    assert not runs_cuequivariance_kernels(mixed, "cuda")
+    assert not runs_cuequivariance_kernels(use_backend(one, "e3nn"), "cuda")
+    assert not runs_cuequivariance_kernels(torch.nn.Linear(2, 2), "cuda")
+    monkeypatch.setattr(
+        "se3tutor.tensor_product.cuequivariance_available", lambda kernels=False: not kernels
+    )
+    assert not runs_cuequivariance_kernels(use_backend(one, "cuequivariance"), "cuda")
 
 
 def test_cuequivariance_refused_with_an_install_hint_when_missing(monkeypatch):

@@ -14,6 +14,7 @@ from se3tutor.checks import default_dtype
 from se3tutor.data import stress_of
 from se3tutor.graph import available_backends
 from se3tutor.potential import EnergyModel, predicted_batches
+from se3tutor.tensor_product import prepare_tensor_products
 from se3tutor.train import distributed
 from se3tutor.train.config import DTYPES, SetupError, TrainConfig
 
@@ -57,7 +58,7 @@ def compile_for_inference(model: EnergyModel) -> EnergyModel:
     """
     if available_backends()["scatter"] != "torch":
         raise SetupError("torch.compile needs the pure-torch backend: SE3TUTOR_BACKEND=torch")
-    compiled = copy.deepcopy(model).eval()
+    compiled = prepare_tensor_products(copy.deepcopy(model).eval())
     for block in compiled.transformer.blocks:
         block.compile()
     return compiled
