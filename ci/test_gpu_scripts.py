@@ -1,5 +1,6 @@
 """The GPU check's scripts, on this CPU: the notebook runner runs cells in order and names a
-failing cell; ci/gpu_check.sh refuses to start without CUDA (and says why) and parses."""
+failing cell; ci/gpu_check.sh refuses to start without CUDA (and says why), refuses a step
+it does not have, and parses."""
 
 import importlib.util
 import json
@@ -47,3 +48,14 @@ def test_gpu_check_parses_and_without_cuda_runs_nothing(tmp_path):
     assert result.returncode == 2
     assert "torch sees no CUDA device here: nothing to check" in result.stdout
     assert (tmp_path / "gpu_check.log").read_text().count("\n") == 1  # no step ran
+
+
+def test_gpu_check_refuses_an_unknown_step_by_name_before_anything_runs(tmp_path):
+    environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(ROOT / "ci" / "gpu_check.sh"), "tests", "benhc"], env=environment,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no step named benhc" in result.stderr and "headline)" in result.stderr
+    assert (tmp_path / "gpu_check.log").read_text() == ""

@@ -30,7 +30,6 @@ where e3nn would compute it, the fused kernel's output rearranged by
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -48,12 +47,18 @@ __all__ = [
 BACKENDS = ("auto", "e3nn", "cuequivariance")
 
 
-@functools.cache  # asked on every call of an "auto" product: look once
+# Asked on every call of an "auto" product: looked up once. A plain dict rather than
+# functools.cache, which torch.compile does not trust (it warns and traces the lookup).
+_AVAILABLE: dict = {}
+
+
 def cuequivariance_available(kernels: bool = False) -> bool:
     """Whether ``cuequivariance_torch`` (and, with ``kernels``, its CUDA kernels
     ``cuequivariance_ops_torch``) can be imported."""
-    modules = ["cuequivariance_torch"] + (["cuequivariance_ops_torch"] if kernels else [])
-    return all(importlib.util.find_spec(name) is not None for name in modules)
+    if kernels not in _AVAILABLE:
+        modules = ["cuequivariance_torch"] + (["cuequivariance_ops_torch"] if kernels else [])
+        _AVAILABLE[kernels] = all(importlib.util.find_spec(name) is not None for name in modules)
+    return _AVAILABLE[kernels]
 
 
 class DepthwiseTensorProduct(o3.TensorProduct):
@@ -269,6 +274,9 @@ class _CuequivarianceChannelWise(torch.nn.Module):
             device=device,
             dtype=dtype,
             method=None if device.type == "cuda" else "naive",  # naive: pure torch
+            # The layout transposes choose the CUDA kernel whenever the kernels are installed
+            # and a GPU is present, whatever the tensors' device: tell them too.
+            use_fallback=None if device.type == "cuda" else True,
         )
         # The paths of tp.instructions (e3nn order), re-sorted the way cuequivariance sorts.
         # A path's weights and outputs are one contiguous block in each order.

@@ -481,11 +481,12 @@ def test_transformer_block_checker_names_the_mistake(variant, match):
     rejects(exercises.check_transformer_block, partial(transformer_block, variant=variant), match)
 
 
-def make_vector_model(kind: str, max_radius: float = 1.5):
-    """A model from one scalar per point to one vector per point, of a kind."""
+def make_vector_model(kind: str, max_radius: float = 1.5, device="cpu"):
+    """A model from one scalar per point to one vector per point, of a kind, on ``device``."""
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
     radial = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+    mlp, radial = mlp.to(device), radial.to(device)
 
     def model(f, pos):
         edge_src, edge_dst = se3tutor.radius_graph(pos, max_radius)
@@ -510,7 +511,7 @@ def make_vector_model(kind: str, max_radius: float = 1.5):
 
 
 def test_equivariant_checker_accepts_equivariant_models(capsys, device):
-    model = make_vector_model("equivariant")
+    model = make_vector_model("equivariant", device=device)
     out = accepts(exercises.check_equivariant, model, capsys, irreps_in="1x0e", device=device,
                   irreps_out="1x1o")  # fmt: skip
     assert out.startswith("\u2713 model is equivariant")

@@ -87,6 +87,32 @@ def test_cuequivariance_refused_with_an_install_hint_when_missing(monkeypatch):
         DepthwiseTensorProduct("4x0e", "1x0e", "1x0e", backend="cuequivariance")
 
 
+@needs_cuequivariance
+def test_cuequivariance_on_the_cpu_stays_off_the_cuda_kernels_on_a_gpu_machine(monkeypatch):
+    # On a machine with a GPU and cuequivariance-ops-torch installed, cuequivariance's layout
+    # transposes pick the CUDA kernel (which has no CPU implementation) unless told not to:
+    # seen on the GPU of ci/gpu_check.sh. Here: a GPU, the kernels and a CUDA-only transpose.
+    import sys
+    import types
+
+    import cuequivariance_torch.primitives.transpose as transpose
+
+    def cuda_only(*args):
+        raise NotImplementedError("segmented_transpose has no CPU kernel")
+
+    monkeypatch.setitem(sys.modules, "cuequivariance_ops_torch", types.ModuleType("ops"))
+    monkeypatch.setattr(transpose, "segmented_transpose", cuda_only, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    irreps_node, irreps_sh, irreps_targets = IRREPS[0]  # multiplicities > 1: real transposes
+    with default_dtype(torch.float64):
+        e3nn_tp = DepthwiseTensorProduct(irreps_node, irreps_sh, irreps_targets, backend="e3nn")
+        cue_tp = DepthwiseTensorProduct(
+            irreps_node, irreps_sh, irreps_targets, backend="cuequivariance"
+        )
+    out = cue_tp(*inputs(cue_tp))
+    assert torch.allclose(out, e3nn_tp(*inputs(e3nn_tp)), atol=1e-12)
+
+
 @pytest.mark.slow
 @needs_cuequivariance
 @pytest.mark.parametrize("irreps_node, irreps_sh, irreps_targets", IRREPS)

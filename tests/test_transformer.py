@@ -242,7 +242,7 @@ def test_the_output_has_second_moment_of_order_one_at_initialization():
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])
 def test_model_runs_on_the_device(dtype, device):
-    model = build_model(dtype).to(device)
+    model = copy.deepcopy(build_model(dtype)).to(device)  # the cached model stays on the CPU
     f, pos = random_inputs(model)
     out = model(f.to(device), pos.to(device))
     assert out.device.type == device.type and out.shape == (20, model.irreps_out.dim)
