@@ -49,7 +49,7 @@ def run_case(points, config, device, backend, threads, chunk_mb) -> dict:
     import torch
 
     from se3tutor.dense import SE3Transformer
-    from se3tutor.tensor_product import use_backend
+    from se3tutor.tensor_product import runs_cuequivariance_kernels, use_backend
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -85,6 +85,7 @@ def run_case(points, config, device, backend, threads, chunk_mb) -> dict:
     return dict(
         points=points, edges=edges, seconds=output["seconds"], peak_mb=peak_mb,
         build_s=built_s, backend=backend, depth=config["depth"],
+        kernels=runs_cuequivariance_kernels(model, device),
         parameters=sum(p.numel() for p in model.parameters()),
     )  # fmt: skip
 
@@ -166,7 +167,9 @@ def main() -> None:
                 raise SystemExit(f"{size} points, {backend} failed (its output is above)")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             per_edge = 1e3 * result["seconds"] / (result["edges"] * result["depth"])
-            label = "torch" if backend == "e3nn" else backend
+            label = "torch" if backend == "e3nn" else backend  # "cuequivariance": kernels ran
+            if backend == "cuequivariance" and not result["kernels"]:
+                label = "cuequivariance (torch fallback)"
             print(
                 f"{result['points']:>7}{result['edges']:>10}  {label:<16}"
                 f"{result['seconds']:>9.1f}{result['peak_mb']:>9.0f}{per_edge:>19.3f}",
