@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from measure import memory_kind, peak_memory_mb
+from measure import backend_label, memory_kind, peak_memory_mb
 
 CONFIG = dict(dim=512, heads=8, depth=6, dim_head=64, num_degrees=4, valid_radius=10)
 SMOKE = dict(CONFIG, depth=1)
@@ -49,7 +49,7 @@ def run_case(points, config, device, backend, threads, chunk_mb) -> dict:
     import torch
 
     from se3tutor.dense import SE3Transformer
-    from se3tutor.tensor_product import runs_cuequivariance_kernels, use_backend
+    from se3tutor.tensor_product import use_backend
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -84,8 +84,9 @@ def run_case(points, config, device, backend, threads, chunk_mb) -> dict:
     assert output["out"].shape == (1, points, config["dim"]) and output["out"].isfinite().all()
     return dict(
         points=points, edges=edges, seconds=output["seconds"], peak_mb=peak_mb,
-        build_s=built_s, backend=backend, depth=config["depth"],
-        kernels=runs_cuequivariance_kernels(model, device),
+        build_s=built_s, depth=config["depth"],
+        # e3nn's products in the folded attention are batched matrix products: "torch"
+        backend="torch" if backend == "e3nn" else backend_label(model, backend, device),
         parameters=sum(p.numel() for p in model.parameters()),
     )  # fmt: skip
 
@@ -167,11 +168,8 @@ def main() -> None:
                 raise SystemExit(f"{size} points, {backend} failed (its output is above)")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             per_edge = 1e3 * result["seconds"] / (result["edges"] * result["depth"])
-            label = "torch" if backend == "e3nn" else backend  # "cuequivariance": kernels ran
-            if backend == "cuequivariance" and not result["kernels"]:
-                label = "cuequivariance (torch fallback)"
             print(
-                f"{result['points']:>7}{result['edges']:>10}  {label:<16}"
+                f"{result['points']:>7}{result['edges']:>10}  {result['backend']:<16}"
                 f"{result['seconds']:>9.1f}{result['peak_mb']:>9.0f}{per_edge:>19.3f}",
                 flush=True,
             )

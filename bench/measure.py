@@ -1,5 +1,5 @@
 """What the benchmark scripts share: points at a fixed density, the peak memory of one step,
-and its best time.
+its best time, and the name of a row's tensor-product backend.
 
 Peak memory is measured the same way by every script:
 
@@ -36,6 +36,17 @@ def uniform_points(num_points: int, neighbors: float, device: str = "cpu"):
 
     side = (num_points * 4 / 3 * math.pi / neighbors) ** (1 / 3)
     return torch.rand(num_points, 3, device=device) * side
+
+
+def backend_label(model, backend: str, device: str) -> str:
+    """A table row's backend: ``cuequivariance`` only where its fused CUDA kernels run
+    (:func:`se3tutor.tensor_product.runs_cuequivariance_kernels`), ``cuequivariance (torch
+    fallback)`` where cuequivariance computes with plain torch operations."""
+    from se3tutor.tensor_product import runs_cuequivariance_kernels
+
+    if backend == "cuequivariance" and not runs_cuequivariance_kernels(model, device):
+        return "cuequivariance (torch fallback)"
+    return backend
 
 
 def memory_kind(device: str) -> str:

@@ -43,7 +43,7 @@ import os
 import subprocess
 import sys
 
-from measure import memory_kind, peak_then_best_time, uniform_points
+from measure import backend_label, memory_kind, peak_then_best_time, uniform_points
 
 # Points of the warm-up graph (imports, kernels, allocator): small, so that the first
 # full-size step still shows its peak memory (see measure.py).
@@ -62,11 +62,7 @@ def run_case(
     import torch
 
     from se3tutor import SE3Transformer, radius_graph
-    from se3tutor.tensor_product import (
-        prepare_tensor_products,
-        runs_cuequivariance_kernels,
-        use_backend,
-    )
+    from se3tutor.tensor_product import prepare_tensor_products, use_backend
     from se3tutor.transformer import hidden_irreps
 
     torch.set_num_threads(threads)
@@ -76,9 +72,7 @@ def run_case(
         num_heads=2,
     ).to(device)  # fmt: skip
     use_backend(model, backend)
-    label = backend  # "cuequivariance" only where its CUDA kernels run
-    if backend == "cuequivariance" and not runs_cuequivariance_kernels(model, device):
-        label = "cuequivariance (torch fallback)"
+    label = backend_label(model, backend, device)
     forward = torch.compile(prepare_tensor_products(model)) if compile else model
 
     def graph(n):

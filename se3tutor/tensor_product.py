@@ -264,6 +264,10 @@ class _CuequivarianceChannelWise(torch.nn.Module):
         def to_cue(irreps):
             return cue.Irreps("O3", str(irreps))
 
+        # On the CPU, cuequivariance's pure-torch paths: "naive" for the product, and the
+        # fallback for its layout transposes, which otherwise take the CUDA kernel whenever
+        # the kernels are installed and a GPU is present, whatever the tensors' device.
+        on_cpu = device.type != "cuda"
         self.op = cuet.ChannelWiseTensorProduct(
             to_cue(tp.irreps_in1),
             to_cue(tp.irreps_in2),
@@ -273,10 +277,8 @@ class _CuequivarianceChannelWise(torch.nn.Module):
             internal_weights=False,
             device=device,
             dtype=dtype,
-            method=None if device.type == "cuda" else "naive",  # naive: pure torch
-            # The layout transposes choose the CUDA kernel whenever the kernels are installed
-            # and a GPU is present, whatever the tensors' device: tell them too.
-            use_fallback=None if device.type == "cuda" else True,
+            method="naive" if on_cpu else None,
+            use_fallback=True if on_cpu else None,
         )
         # The paths of tp.instructions (e3nn order), re-sorted the way cuequivariance sorts.
         # A path's weights and outputs are one contiguous block in each order.

@@ -3,6 +3,9 @@ numbers (values, gradients, a whole transformer's forces), and the backend is ch
 documented. cuequivariance runs here through its pure-torch fallback (no GPU); the CUDA test
 runs where there is one."""
 
+import sys
+import types
+
 import pytest
 import torch
 from e3nn import o3
@@ -92,9 +95,6 @@ def test_cuequivariance_on_the_cpu_stays_off_the_cuda_kernels_on_a_gpu_machine(m
     # On a machine with a GPU and cuequivariance-ops-torch installed, cuequivariance's layout
     # transposes pick the CUDA kernel (which has no CPU implementation) unless told not to:
     # seen on the GPU of ci/gpu_check.sh. Here: a GPU, the kernels and a CUDA-only transpose.
-    import sys
-    import types
-
     import cuequivariance_torch.primitives.transpose as transpose
 
     def cuda_only(*args):
